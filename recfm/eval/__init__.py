@@ -1,0 +1,1 @@
+"""Evaluation: recommendation, generation and image metrics, baselines, benchmark runners, reports."""
