@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="recfm: a multimodal foundation model for recommendation.", no_args_is_help=True,
@@ -15,13 +16,14 @@ app = typer.Typer(help="recfm: a multimodal foundation model for recommendation.
 data_app = typer.Typer(help="Prepare domains from public formats or your own files, and inspect them.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 SOURCES = ("movielens", "amazon-reviews", "generic", "default")
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(2)
 
 

@@ -1,0 +1,1 @@
+"""Pretraining, multitask instruction tuning, LoRA fine-tuning on a new domain, checkpoints and distributed launch."""

@@ -1,0 +1,24 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RECFM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared(sub: str) -> Path:
+    """A folder of ../shared/data, or skip the test saying what is missing."""
+    p = SHARED_DATA / sub
+    if not p.exists():
+        pytest.skip(f"real data not available: {p} is missing (set RECFM_SHARED_DATA to the shared data folder)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def small_default(tmp_path_factory):
+    """A small built-in default domain, generated once per test session."""
+    from recfm.data.synthetic import SyntheticConfig, prepare_default
+
+    out = tmp_path_factory.mktemp("default") / "domain"
+    return prepare_default(out, SyntheticConfig(seed=3, n_items=80, n_users=120, max_length=20), progress=False)
