@@ -1,0 +1,132 @@
+"""Templates, the renderer and the example builders: deterministic, held-out kept out, no leakage."""
+
+import json
+
+import pytest
+
+from recfm.data import ItemIndex, leave_one_out
+from recfm.instructions import (TASKS, Item, PromptTooLong, RenderContext, build_eval_examples,
+                                build_training_examples, load_templates, render)
+from recfm.instructions.chat import IGNORE
+from recfm.tokenizers.items import build_item_tokenizer
+from recfm.tokenizers.text import IMAGE, ITEM, train_text_tokenizer
+
+
+@pytest.fixture(scope="module")
+def world(small_default):
+    split = leave_one_out(small_default)
+    texts = [f"{r['title']}. {r['text']}" for r in small_default.items] + [t.prompt for ts in load_templates().values() for t in ts]
+    tok = train_text_tokenizer(texts * 3, vocab_size=400, show_progress=False)
+    index = ItemIndex.from_training(split.train, small_default.item_ids)
+    items = build_item_tokenizer(index.item_ids, "atomic")
+    tok.add_tokens(items.new_tokens(), special_tokens=True)
+    items.bind(tok)
+    cat = {r["item_id"]: Item(r["title"], r["text"], r["image_path"] is not None) for r in small_default.items}
+    ctx = RenderContext(tokenizer=tok, item_tokenizer=items, catalogue=cat, image_tokens=2, max_tokens=4096)
+    return small_default, split, tok, items, ctx
+
+
+def test_every_task_has_six_templates_some_held_out():
+    templates = load_templates()
+    assert set(templates) == set(TASKS)
+    for task, ts in templates.items():
+        assert len(ts) >= 6, task
+        assert 1 <= sum(t.held_out for t in ts) < len(ts), task
+
+
+def test_bad_template_file_is_a_clear_error(tmp_path):
+    p = tmp_path / "t.yaml"
+    p.write_text("version: 1\ntasks:\n  x:\n    family: f\n    answer: '{target}'\n    templates:\n"
+                 "      - {id: a, prompt: 'hello {nonsense}'}\n")
+    with pytest.raises(ValueError, match=r"template 'a' uses unknown placeholder\(s\) \['nonsense'\]"):
+        load_templates(p)
+
+
+def test_training_examples_use_seen_templates_and_never_a_users_held_out_items(world):
+    domain, split, *_ = world
+    train = build_training_examples(domain, split, per_user=3, seed=0)
+    assert set(train["task"]) == set(TASKS)
+    assert not any(train["held_out"])
+    held_out = {}
+    for ex in list(split.valid) + list(split.test):
+        held_out.setdefault(ex["user_id"], set()).add(ex["target"])
+    for row in train:
+        mentioned = {p["item_id"] for m in json.loads(row["messages"]) for p in m["content"] if p["type"] == "item"}
+        assert not mentioned & held_out.get(row["user_id"], set()), row
+
+
+def test_training_examples_are_deterministic(world):
+    domain, split, *_ = world
+    a = build_training_examples(domain, split, per_user=2, seed=5)
+    b = build_training_examples(domain, split, per_user=2, seed=5)
+    assert a["messages"] == b["messages"]
+
+
+def test_eval_examples_cover_seen_and_held_out_templates(world):
+    domain, split, *_ = world
+    ev = build_eval_examples(domain, split, stage="test", max_users=10)
+    by_task = {}
+    for r in ev:
+        by_task.setdefault(r["task"], set()).add(r["held_out"])
+    assert by_task["next_item"] == {True, False}
+    nxt = [r for r in ev if r["task"] == "next_item"]
+    tests = {r["user_id"]: r["target"] for r in split.test}
+    assert all(r["target"] == tests[r["user_id"]] for r in nxt)
+
+
+def test_render_layout_labels_and_image_positions(world):
+    domain, split, tok, items, ctx = world
+    ex = build_eval_examples(domain, split, stage="test", tasks=["next_item"], max_users=1)[0]
+    messages = json.loads(ex["messages"])
+    enc = render(messages, ctx)
+    n_hist = sum(1 for p in messages[0]["content"] if p["type"] == "item")
+    assert len(enc.image_positions) == n_hist and len(enc.item_spans) == n_hist + 1
+    image_id = tok.convert_tokens_to_ids(IMAGE)
+    for p in enc.image_positions:
+        assert enc.input_ids[p : p + 2] == [image_id, image_id]
+    assert sum(t == image_id for t in enc.input_ids) == 2 * n_hist
+    # only the answer (the target's identifier + <|end|>) is labelled
+    labelled = [t for t in enc.labels if t != IGNORE]
+    assert labelled == items.encode(ex["target"]) + [tok.convert_tokens_to_ids("<|end|>")]
+    assert render(messages, ctx).input_ids == enc.input_ids  # deterministic
+    gen = render(messages[:1], ctx, add_generation_prompt=True)
+    assert gen.input_ids[-1] == tok.convert_tokens_to_ids("<|assistant|>") and all(l == IGNORE for l in gen.labels)
+
+
+def test_truncation_drops_oldest_history_first(world):
+    domain, split, tok, items, ctx = world
+    ex = build_eval_examples(domain, split, stage="test", tasks=["next_item"], max_users=1)[0]
+    messages = json.loads(ex["messages"])
+    full = render(messages, ctx)
+    small = RenderContext(tokenizer=tok, item_tokenizer=items, catalogue=ctx.catalogue, image_tokens=2,
+                          max_tokens=len(full.input_ids) - 5)
+    cut = render(messages, small)
+    assert cut.dropped_history >= 1 and len(cut.input_ids) <= small.max_tokens
+    hist = [s[2] for s in full.item_spans][:-1]
+    kept = [s[2] for s in cut.item_spans][:-1]
+    assert kept == hist[cut.dropped_history:]  # the newest items survive
+    tiny = RenderContext(tokenizer=tok, item_tokenizer=items, catalogue=ctx.catalogue, max_tokens=8)
+    with pytest.raises(PromptTooLong):
+        render(messages, tiny)
+
+
+def test_content_mode_records_item_positions(world):
+    domain, split, tok, _, ctx = world
+    items = build_item_tokenizer(domain.item_ids, "content")
+    tok.add_tokens(items.new_tokens(), special_tokens=True)
+    items.bind(tok)
+    c = RenderContext(tokenizer=tok, item_tokenizer=items, catalogue=ctx.catalogue, image_tokens=1)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "I liked"}, {"type": "item", "item_id": "3", "view": "history"},
+                                             {"type": "item", "item_id": "7", "view": "history"}, {"type": "text", "text": " what next?"}]}]
+    enc = render(messages, c, add_generation_prompt=True)
+    item_id = tok.convert_tokens_to_ids(ITEM)
+    assert [idx for _, idx in enc.content_positions] == [items.index("3"), items.index("7")]
+    assert all(enc.input_ids[p] == item_id for p, _ in enc.content_positions)
+
+
+def test_unknown_item_and_bad_part_are_errors(world):
+    *_, ctx = world
+    with pytest.raises(KeyError, match="unknown item 'nope'"):
+        render([{"role": "user", "content": [{"type": "item", "item_id": "nope"}]}], ctx)
+    with pytest.raises(ValueError, match="unknown content part type 'video'"):
+        render([{"role": "user", "content": [{"type": "video"}]}], ctx)
