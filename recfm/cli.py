@@ -134,6 +134,29 @@ def data_stats(
 
 
 @app.command()
+def tokenize(
+    domain_dir: Path = typer.Argument(..., help="a prepared domain folder"),
+    output: Path = typer.Option(..., "--output", "-o", help="where the tokenizers go"),
+    vocab_size: int = typer.Option(4096, help="text BPE vocabulary size"),
+    semantic_levels: int = typer.Option(3, help="levels of the semantic item ids (plus a collision level)"),
+    vq_steps: int = typer.Option(1500, help="VQ image tokenizer training steps"),
+    vq_image_size: Optional[int] = typer.Option(None, help="VQ image size (32 or 64; by default from the images)"),
+    vq_codebook: int = typer.Option(512, help="VQ codebook size (image tokens in the vocabulary)"),
+    seed: int = typer.Option(0, help="seed for k-means and VQ training"),
+):
+    """Train the text, item-identifier and VQ image tokenizers of a domain."""
+    from recfm.tokenizers.build import tokenize_domain
+
+    try:
+        s = tokenize_domain(domain_dir, output, vocab_size=vocab_size, semantic_levels=semantic_levels,
+                            vq_steps=vq_steps, vq_image_size=vq_image_size, vq_codebook=vq_codebook, seed=seed)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"wrote tokenizers for {s['domain']} to {output}")
+    console.print(json.dumps(s, indent=2))
+
+
+@app.command()
 def quickstart(
     workdir: Path = typer.Option(Path("runs/quickstart"), help="where the domain and the run go"),
     seed: int = typer.Option(0, help="seed for data generation"),

@@ -130,3 +130,24 @@ def test_unknown_item_and_bad_part_are_errors(world):
         render([{"role": "user", "content": [{"type": "item", "item_id": "nope"}]}], ctx)
     with pytest.raises(ValueError, match="unknown content part type 'video'"):
         render([{"role": "user", "content": [{"type": "video"}]}], ctx)
+
+
+def test_tokenize_domain_writes_every_tokenizer(tmp_path, small_default):
+    from recfm.tokenizers.build import tokenize_domain
+    from recfm.tokenizers.items import ItemTokenizer
+    from recfm.tokenizers.text import load_text_tokenizer
+    from recfm.tokenizers.vq import VQTokenizer
+
+    s = tokenize_domain(small_default.path, tmp_path / "tok", vocab_size=500, vq_steps=20, vq_codebook=64, progress=False)
+    assert set(s["items"]) == {"atomic", "semantic", "content"} and s["vq"]["held_out_images"] == 8
+    tok = load_text_tokenizer(tmp_path / "tok" / "text")
+    assert len(tok) == s["text"]["vocab_size"]
+    index = ItemIndex.load(tmp_path / "tok" / "item_index.json")
+    for mode in ("atomic", "semantic", "content"):
+        it = ItemTokenizer.from_pretrained(tmp_path / "tok" / "items" / mode)
+        assert it.item_ids == index.item_ids
+    sem = ItemTokenizer.from_pretrained(tmp_path / "tok" / "items" / "semantic")
+    assert len({tuple(sem.tokens(i)) for i in sem.item_ids}) == len(sem.item_ids)  # unique codes
+    vq = VQTokenizer.from_pretrained(tmp_path / "tok" / "vq")
+    codes = json.loads((tmp_path / "tok" / "image_codes.json").read_text())
+    assert len(codes) == 80 and all(len(c) == vq.config.grid ** 2 for c in codes.values())
