@@ -138,3 +138,48 @@ def tokenize_domain(domain_dir: str | Path, out: str | Path, *, vocab_size: int 
         summary["timings_s"]["vq"] = round(time.perf_counter() - t0, 2)
     (out / "tokenizers.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+class Tokenizers:
+    """Everything `recfm tokenize` wrote, assembled for one item mode: the text tokenizer with the
+    item tokens and the image-code tokens added (in that order), the bound item tokenizer, the
+    VQ tokenizer and every catalogue image's codes."""
+
+    def __init__(self, folder: str | Path, item_mode: str = "atomic", with_image_codes: bool = True):
+        from ..data import ItemIndex
+        from .items import ItemTokenizer
+        from .text import load_text_tokenizer
+
+        folder = Path(folder)
+        self.folder, self.item_mode = folder, item_mode
+        self.text = load_text_tokenizer(folder / "text")
+        self.items = ItemTokenizer.from_pretrained(folder / "items" / item_mode)
+        self.index = ItemIndex.load(folder / "item_index.json")
+        self.text.add_tokens(self.items.new_tokens(), special_tokens=True)
+        self.items.bind(self.text)
+        self.vq = None
+        self.image_codes: dict[str, list[int]] = {}
+        if with_image_codes and (folder / "vq").exists():
+            from .vq import VQTokenizer
+
+            self.vq = VQTokenizer.from_pretrained(folder / "vq")
+            self.text.add_tokens(self.vq.token_strings(), special_tokens=True)
+            self.image_codes = json.loads((folder / "image_codes.json").read_text())
+
+    @property
+    def image_code_offset(self) -> int | None:
+        return self.text.convert_tokens_to_ids("<img_0>") if self.vq is not None else None
+
+    @property
+    def codebook_size(self) -> int:
+        return self.vq.config.codebook_size if self.vq is not None else 0
+
+    def save_pretrained(self, out: str | Path) -> None:
+        """Write the assembled text tokenizer and the item tokenizer next to a model."""
+        out = Path(out)
+        self.text.save_pretrained(out)
+        self.items.save_pretrained(out)
+        self.index.save(out / "item_index.json")
+        if self.vq is not None:
+            self.vq.save_pretrained(out / "vq")
+            (out / "image_codes.json").write_text(json.dumps(self.image_codes) + "\n")

@@ -1,0 +1,410 @@
+"""The RecFM backbone, top to bottom.
+
+    pixels --vision tower--> patches --projector--> n vectors per image
+    tokens --embeddings--> [early fusion: image vectors replace the <image> placeholders]
+                           [content items: <item> placeholders get the item encoder's vector]
+           --Llama-family decoder--> [cross-attention fusion: gated item-level cross-attention
+                                      after every k-th layer, via forward hooks on those layers]
+           --lm_head--> next-token logits;  --ranking head--> a score for every catalogue item
+
+The language model is a stock transformers model (`AutoModel.from_config(text_config)`), untouched:
+a loaded Llama/Qwen2/Mistral checkpoint computes inside RecFM exactly what it computes alone, and
+attention goes through transformers' attention interface (sdpa, flash_attention_2, or any
+registered implementation). Cross-attention blocks are attached with forward hooks rather than by
+rewriting the decoder loop, and their gates start at zero.
+
+How a sequence is read (all from token ids, see `token_image_index`): the k-th run of
+`image_tokens` <image> tokens is the k-th image of `pixel_values` (row-major over the batch); an
+item span runs from <|item|> to <|/item|>, and in cross-attention mode every token of a span
+attends to the image inside that span (an image outside any span is attended by its own
+placeholder tokens). In content mode the j-th <item> token (row-major) is item
+`content_item_ids[j]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn import init
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration import RecFMConfig
+from .vision import GatedCrossAttention, build_projector, build_vision_tower, vision_features
+
+IGNORE = -100
+
+
+@dataclass
+class RecFMModelOutput(BaseModelOutputWithPast):
+    contrastive_loss: torch.Tensor | None = None
+
+
+def token_image_index(input_ids: torch.Tensor, cfg: RecFMConfig) -> torch.Tensor:
+    """(B, T) index of the image each token attends to in cross-attention mode, -1 for none."""
+    b, t = input_ids.shape
+    is_img = input_ids == cfg.image_token_id
+    flat = is_img.reshape(-1)
+    img_idx = torch.where(flat, (flat.long().cumsum(0) - 1) // cfg.image_tokens, -1).view(b, t)
+    start = input_ids == cfg.item_start_id
+    end = input_ids == cfg.item_end_id
+    s_cum = start.long().cumsum(1)
+    in_span = s_cum > (end.long().cumsum(1) - end.long())
+    if not bool(in_span.any()):
+        return img_idx
+    row_offset = torch.cat([start.new_zeros(1, dtype=torch.long), start.sum(1).cumsum(0)[:-1]])
+    span_id = torch.where(in_span, s_cum - 1 + row_offset[:, None], -1)
+    span_img = torch.full((int(start.sum()),), -1, dtype=torch.long, device=input_ids.device)
+    span_img.scatter_reduce_(0, span_id[in_span], img_idx[in_span], reduce="amax")
+    return torch.where(in_span, span_img[span_id.clamp(min=0)], img_idx)
+
+
+class ItemEncoder(nn.Module):
+    """Content mode: an item's vector from its text (mean token embedding) and image (mean projected
+    image vector), plus an optional learned per-item residual (zero at initialisation)."""
+
+    def __init__(self, d: int, n_items: int, id_residual: bool):
+        super().__init__()
+        self.text = nn.Linear(d, d)
+        self.image = nn.Linear(d, d)
+        self.no_image = nn.Parameter(torch.zeros(d))
+        self.mlp = nn.Sequential(nn.GELU(), nn.Linear(d, d))
+        self.id_residual = nn.Embedding(n_items, d) if id_residual else None
+
+    def forward(self, text_vec, image_vec, has_image, item_idx):
+        img = torch.where(has_image[:, None], self.image(image_vec), self.no_image.to(image_vec.dtype))
+        x = self.text(text_vec) + img
+        x = x + self.mlp(x)
+        if self.id_residual is not None:
+            x = x + self.id_residual(item_idx)
+        return x
+
+
+class RecFMPreTrainedModel(PreTrainedModel):
+    config: RecFMConfig
+    config_class = RecFMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer", "GatedCrossAttention"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, GatedCrossAttention):
+            init.zeros_(module.attn_gate)
+            init.zeros_(module.ff_gate)
+        elif isinstance(module, ItemEncoder):
+            init.zeros_(module.no_image)
+            if module.id_residual is not None:
+                init.zeros_(module.id_residual.weight)
+        elif isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+            if module.weight is not None:
+                init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+
+
+class RecFMModel(RecFMPreTrainedModel):
+    def __init__(self, config: RecFMConfig):
+        super().__init__(config)
+        tc = config.text_config
+        d = tc.hidden_size
+        self.language_model = AutoModel.from_config(tc)
+        self.vision_tower = self.projector = None
+        if config.vision_config is not None:
+            self.vision_tower = build_vision_tower(config.vision_config)
+            if config.freeze_vision:
+                self.vision_tower.requires_grad_(False)
+            self.projector = build_projector(config.projector, config.vision_config.hidden_size, d, config.image_tokens)
+        self.register_buffer("image_mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False)
+        self.cross_attn = nn.ModuleDict(
+            {str(i): GatedCrossAttention(d, tc.num_attention_heads, tc.rms_norm_eps) for i in config.cross_attention_layers()}
+        )
+        self._xattn_ctx: tuple[torch.Tensor, torch.Tensor] | None = None
+        for i in self.cross_attn:
+            self.language_model.layers[int(i)].register_forward_hook(partial(self._xattn_hook, i))
+        self.item_encoder = None
+        if config.item_mode == "content":
+            if config.n_items < 1:
+                raise ValueError("content item mode needs n_items (the catalogue size) in the config")
+            self.item_encoder = ItemEncoder(d, config.n_items, config.item_id_residual)
+            s = config.vision_config.image_size if config.vision_config is not None else 1
+            self.register_buffer("catalogue_text_ids", torch.full((config.n_items, config.item_text_len), -1, dtype=torch.long))
+            self.register_buffer("catalogue_pixels", torch.zeros(config.n_items, 3, s, s, dtype=torch.uint8))
+            self.register_buffer("catalogue_has_image", torch.zeros(config.n_items, dtype=torch.bool))
+        self._image_cache: dict[bytes, torch.Tensor] = {}
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    # --- images ---------------------------------------------------------------------------------
+
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) or floats in [0, 1] -> normalised floats for the vision tower."""
+        x = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
+        return (x - self.image_mean) / self.image_std
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) normalised pixels -> (N, image_tokens, d). A frozen tower's features are
+        cached by image content, so a catalogue image is encoded once."""
+        if self.vision_tower is None:
+            raise ValueError("this model has no vision tower (built with vision=None); send no images")
+        dtype = next(self.vision_tower.parameters()).dtype
+        pixel_values = pixel_values.to(dtype)
+        if not self.config.freeze_vision:
+            return self.projector(vision_features(self.vision_tower, pixel_values))
+        keys = [hashlib.sha1(p.detach().cpu().float().numpy().tobytes()).digest() for p in pixel_values]
+        missing = [i for i, k in enumerate(keys) if k not in self._image_cache]
+        if missing:
+            with torch.no_grad():
+                feats = vision_features(self.vision_tower, pixel_values[missing])
+            if len(self._image_cache) > 200_000:
+                self._image_cache.clear()
+            for i, f in zip(missing, feats):
+                self._image_cache[keys[i]] = f
+        patches = torch.stack([self._image_cache[k] for k in keys]).to(pixel_values.device)
+        return self.projector(patches)
+
+    def clear_image_cache(self) -> None:
+        self._image_cache.clear()
+
+    # --- content items --------------------------------------------------------------------------
+
+    def set_catalogue(self, text_ids: torch.Tensor, pixels: torch.Tensor | None, has_image: torch.Tensor) -> None:
+        """Content mode: every item's text token ids (n, L, -1 padded), uint8 pixels and image flag."""
+        if self.item_encoder is None:
+            raise ValueError("set_catalogue is for content item mode")
+        n, length = self.catalogue_text_ids.shape
+        ids = torch.full((n, length), -1, dtype=torch.long)
+        ids[:, : min(length, text_ids.shape[1])] = text_ids[:, :length]
+        self.catalogue_text_ids.copy_(ids)
+        if pixels is not None:
+            self.catalogue_pixels.copy_(pixels)
+        self.catalogue_has_image.copy_(has_image)
+
+    def item_embeddings(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Content mode: (len(idx), d) item vectors (every item when idx is None)."""
+        if idx is None:
+            idx = torch.arange(self.config.n_items, device=self.catalogue_text_ids.device)
+        ids = self.catalogue_text_ids[idx]
+        mask = ids >= 0
+        emb = self.get_input_embeddings()(ids.clamp(min=0)) * mask[..., None]
+        text_vec = emb.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        has_image = self.catalogue_has_image[idx]
+        image_vec = torch.zeros_like(text_vec)
+        if self.vision_tower is not None and bool(has_image.any()):
+            rows = has_image.nonzero().squeeze(1)
+            feats = self.encode_images(self.normalize_pixels(self.catalogue_pixels[idx[rows]]))
+            image_vec = image_vec.index_put((rows,), feats.mean(1).to(image_vec.dtype))
+        return self.item_encoder(text_vec, image_vec, has_image, idx)
+
+    # --- the forward pass -----------------------------------------------------------------------
+
+    def _xattn_hook(self, key, module, args, output):
+        if self._xattn_ctx is None:
+            return output
+        feats, token_image = self._xattn_ctx
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[:2] != token_image.shape:
+            return output
+        hidden = self.cross_attn[key](hidden, feats, token_image)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                pixel_values=None, content_item_ids=None, use_cache=None, **kwargs) -> RecFMModelOutput:
+        cfg = self.config
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        token_embeds = inputs_embeds
+        feats = None
+        if pixel_values is not None and len(pixel_values):
+            feats = self.encode_images(pixel_values)
+            feats = feats.to(inputs_embeds.dtype)
+            if cfg.fusion == "early":
+                mask = input_ids == cfg.image_token_id
+                n_expected = feats.shape[0] * feats.shape[1]
+                if int(mask.sum()) != n_expected:
+                    raise ValueError(f"{int(mask.sum())} <image> tokens in the input but {feats.shape[0]} images x "
+                                     f"{feats.shape[1]} tokens = {n_expected} image vectors")
+                inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], feats.reshape(-1, feats.shape[-1]))
+        if self.item_encoder is not None and content_item_ids is not None and input_ids is not None:
+            mask = input_ids == cfg.item_token_id
+            n = int(mask.sum())
+            if n == len(content_item_ids) and n:
+                vecs = self.item_embeddings(content_item_ids.to(input_ids.device)).to(inputs_embeds.dtype)
+                inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], vecs)
+            elif n and input_ids.shape[1] > 1:
+                raise ValueError(f"{n} <item> tokens in the input but {len(content_item_ids)} content_item_ids")
+        contrastive = None
+        if feats is not None and input_ids is not None and (cfg.fusion == "cross_attention" or cfg.contrastive_loss_weight > 0):
+            token_image = token_image_index(input_ids, cfg)
+            if cfg.fusion == "cross_attention" and len(self.cross_attn):
+                self._xattn_ctx = (feats, token_image)
+            if self.training and cfg.contrastive_loss_weight > 0:
+                contrastive = self._contrastive(feats, token_embeds, input_ids, token_image)
+        try:
+            out = self.language_model(input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids, cache=cache, use_cache=use_cache, **kwargs)
+        finally:
+            self._xattn_ctx = None
+        return RecFMModelOutput(last_hidden_state=out.last_hidden_state, cache=out.cache,
+                                hidden_states=out.hidden_states, attentions=out.attentions, contrastive_loss=contrastive)
+
+    def _contrastive(self, feats, token_embeds, input_ids, token_image) -> torch.Tensor | None:
+        """InfoNCE between each image (mean projected vector) and its item's words (mean embedding)."""
+        cfg = self.config
+        special = {cfg.image_token_id, cfg.item_start_id, cfg.item_end_id, cfg.item_token_id}
+        is_word = token_image >= 0
+        for s in special:
+            is_word &= input_ids != s
+        if cfg.n_item_tokens:
+            is_word &= ~((input_ids >= cfg.item_token_offset) & (input_ids < cfg.item_token_offset + cfg.n_item_tokens))
+        n_img = feats.shape[0]
+        idx = token_image[is_word]
+        if idx.numel() == 0:
+            return None
+        text = torch.zeros(n_img, token_embeds.shape[-1], dtype=token_embeds.dtype, device=token_embeds.device)
+        text = text.index_add(0, idx, token_embeds[is_word])
+        count = torch.bincount(idx, minlength=n_img)
+        keep = count > 0
+        if int(keep.sum()) < 2:
+            return None
+        t = F.normalize(text[keep] / count[keep, None], dim=-1)
+        v = F.normalize(feats.mean(1)[keep].to(t.dtype), dim=-1)
+        logits = t @ v.T / cfg.contrastive_temperature
+        target = torch.arange(len(t), device=t.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {}
+
+    def __init__(self, config: RecFMConfig):
+        super().__init__(config)
+        self.model = RecFMModel(config)
+        d = config.text_config.hidden_size
+        self.lm_head = nn.Linear(d, config.text_config.vocab_size, bias=False)
+        self.item_head = nn.Linear(d, d, bias=False) if config.item_mode == "content" else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new):
+        self.lm_head = new
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, pixel_values=None, content_item_ids=None, use_cache=None, logits_to_keep=0,
+                **kwargs) -> CausalLMOutputWithPast:
+        kwargs.pop("num_items_in_batch", None)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         inputs_embeds=inputs_embeds, pixel_values=pixel_values, content_item_ids=content_item_ids,
+                         use_cache=use_cache, **kwargs)
+        hidden = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else slice(None)
+        logits = self.lm_head(hidden[:, keep])
+        loss = None
+        if labels is not None:
+            loss = self.loss(hidden, logits, labels, input_ids, content_item_ids)
+            if out.contrastive_loss is not None:
+                loss = loss + self.config.contrastive_loss_weight * out.contrastive_loss
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+                                      attentions=out.attentions)
+
+    # --- losses ---------------------------------------------------------------------------------
+
+    def loss(self, hidden, logits, labels, input_ids, content_item_ids=None) -> torch.Tensor:
+        """Next-token cross-entropy on the answer (optionally focal), + context reconstruction of history
+        item identifiers, + (content mode) a full-catalogue item cross-entropy where an <item> is predicted."""
+        cfg = self.config
+        shift_logits = logits[:, :-1].float()
+        shift_labels = labels[:, 1:].to(shift_logits.device)
+        total = _token_ce(shift_logits, shift_labels, cfg.focal_gamma)
+        if input_ids is None:
+            return total
+        next_ids = input_ids[:, 1:]
+        if cfg.context_loss_weight > 0 and cfg.n_item_tokens and cfg.item_mode != "content":
+            in_item_vocab = (next_ids >= cfg.item_token_offset) & (next_ids < cfg.item_token_offset + cfg.n_item_tokens)
+            ctx_labels = torch.where(in_item_vocab & (shift_labels == IGNORE), next_ids, IGNORE)
+            if bool((ctx_labels != IGNORE).any()):
+                total = total + cfg.context_loss_weight * _token_ce(shift_logits, ctx_labels, 0.0)
+        if self.item_head is not None and content_item_ids is not None:
+            is_item = next_ids == cfg.item_token_id  # position t predicts the <item> at t + 1
+            if bool(is_item.any()):
+                ordinal = torch.zeros_like(input_ids).masked_scatter(
+                    input_ids == cfg.item_token_id, torch.arange(len(content_item_ids), device=input_ids.device))[:, 1:]
+                answer = is_item & (shift_labels == cfg.item_token_id)
+                context = is_item & (shift_labels == IGNORE)
+                catalogue = self.model.item_embeddings()
+                scores_all = self.item_head(hidden[:, :-1]).float()
+                for sel, weight in ((answer, 1.0), (context, cfg.context_loss_weight)):
+                    if weight > 0 and bool(sel.any()):
+                        scores = scores_all[sel] @ catalogue.float().T
+                        total = total + weight * F.cross_entropy(scores, content_item_ids.to(scores.device)[ordinal[sel]])
+        return total
+
+    # --- ranking --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score_items(self, input_ids, attention_mask=None, pixel_values=None, content_item_ids=None,
+                    exclude: list[list[int]] | None = None) -> torch.Tensor:
+        """(B, n_items) scores for the item that answers each prompt (prompts end where the answer
+        starts, e.g. with <|assistant|>), in one forward pass. Atomic: the logit of each item token;
+        content: the ranking head against every item's content vector. `exclude[b]` item indices get
+        -inf (a user's own history). Semantic ids rank by a beam over the trie instead
+        (recfm.foundation.generation.beam_items)."""
+        cfg = self.config
+        if cfg.item_mode == "semantic":
+            raise ValueError("semantic ids are ranked by a beam over the trie: use generation.beam_items")
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                         content_item_ids=content_item_ids)
+        if attention_mask is None:
+            last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+        else:  # the last real token (works for left or right padding)
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+            last = (attention_mask.bool() * pos).argmax(1)
+        h = out.last_hidden_state[torch.arange(len(last)), last]
+        if cfg.item_mode == "atomic":
+            w = self.lm_head.weight[cfg.item_token_offset : cfg.item_token_offset + cfg.n_items]
+            scores = h @ w.T
+        else:
+            scores = self.item_head(h) @ self.model.item_embeddings().T
+        scores = scores.float()
+        if exclude:
+            for b, items in enumerate(exclude):
+                if items:
+                    scores[b, torch.as_tensor(items, device=scores.device)] = float("-inf")
+        return scores
+
+
+def _token_ce(logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Mean cross-entropy over labelled tokens; with gamma > 0, focal: weighted by (1 - p)^gamma."""
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat = labels.reshape(-1)
+    keep = flat != IGNORE
+    if not bool(keep.any()):
+        return flat_logits.sum() * 0.0
+    ce = F.cross_entropy(flat_logits[keep], flat[keep], reduction="none")
+    if gamma > 0:
+        ce = ce * (1 - torch.exp(-ce)).pow(gamma)
+    return ce.mean()
