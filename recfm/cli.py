@@ -156,27 +156,137 @@ def tokenize(
     console.print(json.dumps(s, indent=2))
 
 
+def _train_command(stage: str, config: Optional[Path], domain: Optional[Path], tokenizers: Optional[Path],
+                   output: Optional[Path], init_from: Optional[Path], preset: Optional[str], fusion: Optional[str],
+                   item_mode: Optional[str], max_steps: Optional[int], sets: list[str]):
+    import yaml
+
+    from recfm.training import TrainConfig, train
+
+    overrides = dict(stage=stage, domain=str(domain) if domain else None, tokenizers=str(tokenizers) if tokenizers else None,
+                     output=str(output) if output else None, init_from=str(init_from) if init_from else None,
+                     preset=preset, fusion=fusion, item_mode=item_mode, max_steps=max_steps)
+    for kv in sets:
+        if "=" not in kv:
+            _fail(f"--set takes key=value, got {kv!r}")
+        k, v = kv.split("=", 1)
+        overrides[k.strip()] = yaml.safe_load(v)
+    try:
+        cfg = TrainConfig.load(config, **overrides)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    run = train(cfg)
+    console.print(f"[bold green]{stage} done:[/] {run} (model, tokenizers, loss.png, logs/)")
+    return run
+
+
+_CONFIG = typer.Option(None, "--config", "-c", help="a YAML training config (see recfm/training/config.py for every field)")
+_DOMAIN = typer.Option(None, "--domain", "-d", help="a domain folder")
+_TOK = typer.Option(None, "--tokenizers", "-t", help="a recfm tokenize folder")
+_OUT = typer.Option(None, "--output", "-o", help="the run folder to write")
+_INIT = typer.Option(None, "--init-from", help="a run folder to start from")
+_PRESET = typer.Option(None, help="model size: tiny, small, base")
+_FUSION = typer.Option(None, help="early or cross_attention")
+_ITEMS = typer.Option(None, "--item-mode", help="atomic, semantic or content")
+_STEPS = typer.Option(None, help="stop after this many optimizer steps")
+_SET = typer.Option([], "--set", help="any config field: --set lr=3e-4 (repeatable)")
+
+
+@app.command()
+def pretrain(config: Optional[Path] = _CONFIG, domain: Optional[Path] = _DOMAIN, tokenizers: Optional[Path] = _TOK,
+             output: Optional[Path] = _OUT, init_from: Optional[Path] = _INIT, preset: Optional[str] = _PRESET,
+             fusion: Optional[str] = _FUSION, item_mode: Optional[str] = _ITEMS, max_steps: Optional[int] = _STEPS,
+             set_: list[str] = _SET):
+    """Multimodal pretraining on serialized histories (next item over item spans, image-text alignment)."""
+    _train_command("pretrain", config, domain, tokenizers, output, init_from, preset, fusion, item_mode, max_steps, set_)
+
+
+@app.command()
+def tune(config: Optional[Path] = _CONFIG, domain: Optional[Path] = _DOMAIN, tokenizers: Optional[Path] = _TOK,
+         output: Optional[Path] = _OUT, init_from: Optional[Path] = _INIT, preset: Optional[str] = _PRESET,
+         fusion: Optional[str] = _FUSION, item_mode: Optional[str] = _ITEMS, max_steps: Optional[int] = _STEPS,
+         set_: list[str] = _SET):
+    """Multitask instruction tuning over all five task families."""
+    _train_command("tune", config, domain, tokenizers, output, init_from, preset, fusion, item_mode, max_steps, set_)
+
+
+@app.command()
+def finetune(config: Optional[Path] = _CONFIG, domain: Optional[Path] = _DOMAIN, init_from: Optional[Path] = _INIT,
+             output: Optional[Path] = _OUT, max_steps: Optional[int] = _STEPS, set_: list[str] = _SET):
+    """LoRA fine-tuning of a tuned run (PEFT adapters, merged into the saved model)."""
+    _train_command("finetune", config, domain, None, output, init_from, None, None, None, max_steps, set_)
+
+
+@app.command("eval")
+def eval_(
+    run: Path = typer.Argument(..., help="a run folder"),
+    data: Path = typer.Option(..., "--data", help="the domain folder to evaluate on"),
+    tasks: Optional[str] = typer.Option(None, help="comma-separated tasks (default: all)"),
+    max_users: Optional[int] = typer.Option(None, help="evaluate the first N test users only"),
+    stage: str = typer.Option("test", help="test or valid"),
+    output: Optional[Path] = typer.Option(None, help="where eval.json and eval.png go (default RUN/eval)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    seed: int = typer.Option(0, help="seed for negatives and image sampling"),
+):
+    """Evaluate every task family against baselines; writes JSON and a PNG plot."""
+    from recfm.eval.report import print_report
+    from recfm.eval.runner import evaluate, save_report
+
+    report = evaluate(run, data, tasks=tasks.split(",") if tasks else None, stage=stage, max_users=max_users, seed=seed)
+    out = save_report(report, output or run / "eval")
+    if as_json:
+        print(json.dumps({k: v for k, v in report.items() if k != "per_example"}, indent=2, default=float))
+    else:
+        print_report(report, console)
+        console.print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
+
+
 @app.command()
 def quickstart(
-    workdir: Path = typer.Option(Path("runs/quickstart"), help="where the domain and the run go"),
-    seed: int = typer.Option(0, help="seed for data generation"),
+    workdir: Path = typer.Option(Path("runs/quickstart"), help="where the domain, tokenizers and runs go"),
+    seed: int = typer.Option(0, help="seed for data generation and training"),
+    pretrain_steps: int = typer.Option(150, help="pretraining steps"),
+    tune_steps: int = typer.Option(300, help="instruction-tuning steps"),
+    eval_users: int = typer.Option(200, help="test users to evaluate"),
+    preset: str = typer.Option("small", help="model size"),
 ):
-    """Generate the built-in default domain and show what it holds (the model stages will follow)."""
-    from recfm.data import load_domain
-    from recfm.data.synthetic import SyntheticConfig, prepare_default
+    """The whole pipeline on the built-in default domain: data, tokenizers, pretraining, instruction
+    tuning, evaluation of all five task families against popularity and the oracle."""
+    import time
 
-    domain_dir = workdir / "domain"
+    from recfm.data.synthetic import SyntheticConfig, prepare_default
+    from recfm.eval.report import print_report
+    from recfm.eval.runner import evaluate, save_report
+    from recfm.tokenizers.build import tokenize_domain
+    from recfm.training import TrainConfig, train
+
+    t0 = time.perf_counter()
+    domain_dir, tok_dir = workdir / "domain", workdir / "tokenizers"
+    pre_dir, run_dir = workdir / "pretrain", workdir / "run"
+    console.rule("1/5  the built-in default domain")
     if (domain_dir / "domain.json").exists():
-        console.print(f"using the default domain already in {domain_dir}")
-        load_domain(domain_dir)
+        console.print(f"using {domain_dir}")
     else:
-        console.rule("1/1  the built-in default domain")
         prepare_default(domain_dir, SyntheticConfig(seed=seed))
-    data_stats(domain_dir, as_json=False, cold_fraction=0.05, seed=0)
-    console.print(
-        "[bold]recfm quickstart stops after the data stage in this version:[/] tokenizers, training, "
-        "evaluation and serving are not built yet."
-    )
+    console.rule("2/5  tokenizers (text BPE, item ids, VQ images)")
+    if (tok_dir / "tokenizers.json").exists():
+        console.print(f"using {tok_dir}")
+    else:
+        tokenize_domain(domain_dir, tok_dir, vocab_size=2048, vq_steps=600, seed=seed)
+    common = dict(domain=str(domain_dir), preset=preset, seed=seed, batch_size=8, logging_steps=10, save_steps=100,
+                  max_history=12, max_tokens=512)
+    console.rule("3/5  multimodal pretraining")
+    train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(pre_dir), max_steps=pretrain_steps, lr=2e-3, **common))
+    console.rule("4/5  multitask instruction tuning")
+    train(TrainConfig(stage="tune", init_from=str(pre_dir), output=str(run_dir), max_steps=tune_steps, lr=1e-3, **common))
+    console.rule("5/5  evaluation")
+    report = evaluate(run_dir, domain_dir, max_users=eval_users, seed=seed)
+    save_report(report, run_dir / "eval")
+    print_report(report, console)
+    minutes = (time.perf_counter() - t0) / 60
+    console.print(f"\n[bold]done in {minutes:.1f} min.[/] The run folder {run_dir} loads with "
+                  "RecFMForCausalLM.from_pretrained (import recfm.foundation first).")
+    console.print(f"evaluate again:  recfm eval {run_dir} --data {domain_dir}")
 
 
 if __name__ == "__main__":

@@ -30,3 +30,49 @@ def ranking_metrics(ranks: np.ndarray, ks=DEFAULT_KS) -> dict[str, float]:
         out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
     out["mrr"] = float((1.0 / (ranks + 1.0)).mean())
     return out
+
+
+def rmse(pred, true) -> float:
+    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    return float(np.sqrt(np.mean((pred - true) ** 2)))
+
+
+def mae(pred, true) -> float:
+    pred, true = np.asarray(pred, dtype=np.float64), np.asarray(true, dtype=np.float64)
+    return float(np.mean(np.abs(pred - true)))
+
+
+def accuracy(pred, true) -> float:
+    return float(np.mean(np.asarray(pred) == np.asarray(true)))
+
+
+def auc(scores, labels) -> float:
+    """Area under the ROC curve (the probability a positive outscores a negative; ties count half)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    pos, neg = scores[labels], scores[~labels]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def bleu4(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU-4 (sacrebleu, 13a tokenisation), on a 0-100 scale."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 (rouge-score, with stemming), on a 0-100 scale."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for p, r in zip(predictions, references):
+        s = scorer.score(r, p)
+        for k in totals:
+            totals[k] += s[k].fmeasure
+    n = max(len(predictions), 1)
+    return {k: 100.0 * v / n for k, v in totals.items()}

@@ -174,3 +174,22 @@ def build_eval_examples(domain: Domain, split: Split, stage: str = "test", tasks
     for task in tasks:
         rows += _rows(task, templates[task], source, cat, rng, max_history, n_candidates, all_templates=True)
     return Dataset.from_list(rows, features=EXAMPLE_FEATURES)
+
+
+def build_pretraining_examples(split: Split, max_history: int = 20, seed: int = 0) -> Dataset:
+    """Serialized training histories, one user turn each (chunks of at most `max_history` items):
+    the model learns them by next-item prediction over the item spans (the context loss)."""
+    from .templates import item_part
+
+    rows = []
+    for seq in split.train:
+        items = list(zip(seq["item_ids"], seq["ratings"]))
+        for start in range(0, len(items), max_history):
+            chunk = items[start : start + max_history]
+            if len(chunk) < 2:
+                continue
+            content = [item_part(i, "history", r) for i, r in chunk]
+            rows.append({"task": "pretrain", "family": "pretrain", "template_id": "history", "held_out": False,
+                         "user_id": seq["user_id"], "target": chunk[-1][0], "answer": "",
+                         "messages": json.dumps([{"role": "user", "content": content}])})
+    return Dataset.from_list(rows, features=EXAMPLE_FEATURES)

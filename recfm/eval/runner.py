@@ -1,0 +1,359 @@
+"""`recfm eval`: every task of a trained run on a domain's leave-one-out split, against baselines.
+
+Next-item prediction is full ranking over the whole catalogue with the user's history masked (one
+forward pass per prompt through the ranking head; semantic ids by a trie beam of width 20). Pick-
+from-candidates, yes/no, image preference and rating read the answer position's logits; explanation
+and review generation decode greedily and are scored by BLEU-4 and ROUGE; image generation samples a
+code grid, the VQ decoder draws it, and (default domain) the pixel checker says whether it shows the
+user's preferred colour, shape and pattern. Every metric is reported for seen and held-out templates.
+Per-example results are kept for paired tests and seed averages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics as M
+
+RANK_K = 20
+
+
+class LoadedRun:
+    """A trained run folder, ready to answer prompts about a domain."""
+
+    def __init__(self, run_dir: str | Path, domain, max_tokens: int = 1024, dtype: torch.dtype | None = None):
+        from ..foundation import RecFMForCausalLM
+        from ..tokenizers.build import Tokenizers
+        from ..training.collate import Collator, ItemImages, render_context
+
+        self.run_dir = Path(run_dir)
+        self.domain = domain
+        self.tok = Tokenizers(self.run_dir)
+        self.model = RecFMForCausalLM.from_pretrained(self.run_dir, dtype=dtype or torch.float32).eval()
+        cfg = self.model.config
+        self.images = ItemImages(domain, cfg.vision_config.image_size) if cfg.vision_config is not None else None
+        self.ctx = render_context(self.tok, domain, cfg, max_tokens)
+        self.collator = Collator(self.ctx, self.images, cfg)
+
+    def prompt(self, messages_json: str):
+        from ..instructions.chat import render
+
+        return render(json.loads(messages_json)[:1], self.ctx, add_generation_prompt=True)
+
+    def batch(self, encoded, left: bool = False) -> dict[str, torch.Tensor]:
+        b = self.collator.batch(encoded)
+        if left:  # generation wants the prompts to end at the same column
+            ids, mask = b["input_ids"], b["attention_mask"]
+            lengths = mask.sum(1)
+            for r in range(len(ids)):
+                n = int(lengths[r])
+                ids[r] = torch.cat([ids[r, n:], ids[r, :n]])
+                mask[r] = torch.cat([mask[r, n:], mask[r, :n]])
+        b.pop("labels", None)
+        return b
+
+    @torch.no_grad()
+    def answer_logits(self, encoded) -> torch.Tensor:
+        b = self.batch(encoded)
+        out = self.model(**b)
+        last = b["attention_mask"].sum(1) - 1
+        return out.logits[torch.arange(len(last)), last].float()
+
+    def first_token(self, text: str) -> int:
+        return self.tok.text.encode(text, add_special_tokens=False)[0]
+
+
+def _batches(rows, size):
+    for i in range(0, len(rows), size):
+        yield rows[i : i + size]
+
+
+def eval_ranking(run: LoadedRun, rows: list[dict], batch_size: int = 16, progress: bool = True) -> list[int]:
+    """0-based rank of each row's target in the full catalogue ranking, history masked."""
+    items = run.tok.items
+    ranks = []
+    for chunk in tqdm(list(_batches(rows, batch_size)), desc="next item", disable=not progress):
+        enc = [run.prompt(r["messages"]) for r in chunk]
+        histories = [[p["item_id"] for p in json.loads(r["messages"])[0]["content"] if p.get("history")] for r in chunk]
+        if run.model.config.item_mode == "semantic":
+            from ..foundation.generation import beam_items
+
+            b = run.batch(enc, left=True)
+            end = run.tok.text.convert_tokens_to_ids("<|end|>")
+            lists = beam_items(run.model, items, b["input_ids"], k=RANK_K + max(len(h) for h in histories),
+                               attention_mask=b["attention_mask"], pixel_values=b.get("pixel_values"), end_token_id=end)
+            for r, h, found in zip(chunk, histories, lists):
+                found = [i for i in found if i not in set(h)]
+                ranks.append(found.index(r["target"]) if r["target"] in found else len(items))
+            continue
+        b = run.batch(enc)
+        exclude = [[items.index(i) for i in h if i in items._index] for h in histories]
+        scores = run.model.score_items(b["input_ids"], b["attention_mask"], b.get("pixel_values"),
+                                       b.get("content_item_ids"), exclude=exclude).numpy()
+        targets = np.asarray([items.index(r["target"]) for r in chunk])
+        ranks += M.target_ranks(scores, targets).tolist()
+    return ranks
+
+
+def eval_options(run: LoadedRun, rows: list[dict], options: list[str], batch_size: int = 16) -> np.ndarray:
+    """(n, len(options)) answer-position logits of each option's first token."""
+    ids = [run.first_token(o) for o in options]
+    out = []
+    for chunk in _batches(rows, batch_size):
+        logits = run.answer_logits([run.prompt(r["messages"]) for r in chunk])
+        out.append(logits[:, ids].numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(options)))
+
+
+def eval_candidates(run: LoadedRun, rows: list[dict], batch_size: int = 16) -> list[bool]:
+    """Is the best-scored candidate the target? (atomic/content: ranking head; semantic: first code token)."""
+    items = run.tok.items
+    hits = []
+    for chunk in _batches(rows, batch_size):
+        enc = [run.prompt(r["messages"]) for r in chunk]
+        cands = [[p["item_id"] for p in json.loads(r["messages"])[0]["content"] if p.get("view") == "full"] for r in chunk]
+        if run.model.config.item_mode == "semantic":
+            logits = run.answer_logits(enc)
+            for b, (r, cs) in enumerate(zip(chunk, cands)):
+                s = [float(logits[b, items.encode(c)[0]]) for c in cs]
+                hits.append(cs[int(np.argmax(s))] == r["target"])
+            continue
+        b = run.batch(enc)
+        scores = run.model.score_items(b["input_ids"], b["attention_mask"], b.get("pixel_values"), b.get("content_item_ids"))
+        for k, (r, cs) in enumerate(zip(chunk, cands)):
+            s = [float(scores[k, items.index(c)]) for c in cs]
+            hits.append(cs[int(np.argmax(s))] == r["target"])
+    return hits
+
+
+@torch.no_grad()
+def eval_generate(run: LoadedRun, rows: list[dict], max_new_tokens: int = 48, batch_size: int = 16,
+                  progress: bool = True) -> list[str]:
+    end = run.tok.text.convert_tokens_to_ids("<|end|>")
+    texts = []
+    for chunk in tqdm(list(_batches(rows, batch_size)), desc="generate", disable=not progress):
+        b = run.batch([run.prompt(r["messages"]) for r in chunk], left=True)
+        out = run.model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
+                                 pad_token_id=run.tok.text.pad_token_id)
+        texts += run.tok.text.batch_decode(out[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [t.strip() for t in texts]
+
+
+@torch.no_grad()
+def eval_images(run: LoadedRun, rows: list[dict], seed: int = 0, batch_size: int = 16) -> list[dict]:
+    """Sampled images' attributes (pixel checker) for each row."""
+    from ..data.synthetic import check_image
+    from ..foundation.generation import generate_image_codes
+
+    out = []
+    for k, chunk in enumerate(_batches(rows, batch_size)):
+        b = run.batch([run.prompt(r["messages"]) for r in chunk], left=True)
+        codes = generate_image_codes(run.model, b["input_ids"], attention_mask=b["attention_mask"],
+                                     pixel_values=b.get("pixel_values"), seed=seed + k)
+        out += [check_image(im) for im in run.tok.vq.decode_to_pil(codes)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# baselines
+
+
+def popularity_ranks(split, rows: list[dict], catalogue: list[str]) -> list[int]:
+    counts = Counter(i for s in split.train["item_ids"] for i in s)
+    base = np.asarray([counts.get(i, 0) for i in catalogue], dtype=np.float64) - np.arange(len(catalogue)) * 1e-9
+    pos = {i: k for k, i in enumerate(catalogue)}
+    ranks = []
+    for r in rows:
+        s = base.copy()
+        s[[pos[i] for i in r["history"]]] = -np.inf
+        ranks.append(int((s > s[pos[r["target"]]]).sum()))
+    return ranks
+
+
+def bias_rating_baseline(split, rows: list[dict]) -> list[float]:
+    """Global mean + user bias + item bias, from training ratings."""
+    ratings = [(s["user_id"], i, r) for s in split.train for i, r in zip(s["item_ids"], s["ratings"]) if r is not None]
+    if not ratings:
+        return [3.0] * len(rows)
+    mu = float(np.mean([r for *_, r in ratings]))
+    by_item, by_user = defaultdict(list), defaultdict(list)
+    for u, i, r in ratings:
+        by_item[i].append(r - mu)
+    bi = {i: float(np.mean(v)) for i, v in by_item.items()}
+    for u, i, r in ratings:
+        by_user[u].append(r - mu - bi.get(i, 0.0))
+    bu = {u: float(np.mean(v)) for u, v in by_user.items()}
+    return [float(np.clip(mu + bu.get(r["user_id"], 0.0) + bi.get(r["target"], 0.0), 1, 5)) for r in rows]
+
+
+def retrieval_review_baseline(split, rows: list[dict]) -> list[str]:
+    """The most recent training review of the same item by another user, else the most common review."""
+    latest: dict[str, tuple[int, str]] = {}
+    every = Counter()
+    for s in split.train:
+        for i, t, rv in zip(s["item_ids"], s["timestamps"], s["reviews"]):
+            if rv:
+                every[rv] += 1
+                if i not in latest or t > latest[i][0]:
+                    latest[i] = (t, rv)
+    fallback = every.most_common(1)[0][0] if every else ""
+    return [latest.get(r["target"], (0, fallback))[1] for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _by_template(rows, values, fn) -> dict:
+    out = {}
+    for flag, name in ((False, "seen"), (True, "held_out")):
+        sel = [v for r, v in zip(rows, values) if r["held_out"] == flag]
+        if sel:
+            out[name] = fn(sel)
+    return out
+
+
+def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str = "test", max_users: int | None = None,
+             templates: str = "first", batch_size: int = 16, seed: int = 0, progress: bool = True) -> dict:
+    """Metrics of every task (seen vs held-out templates) and the baselines, as a dict."""
+    from ..data import leave_one_out, load_domain
+    from ..instructions.examples import TASKS, build_eval_examples
+
+    domain = load_domain(domain_dir)
+    split = leave_one_out(domain)
+    run = LoadedRun(run_dir, domain)
+    tasks = list(tasks or TASKS)
+    if run.tok.vq is None or run.model.config.image_codebook_size == 0:
+        tasks = [t for t in tasks if t != "image_generation"]
+    if run.model.config.vision_config is None:
+        tasks = [t for t in tasks if t != "which_image"]
+    ev = build_eval_examples(domain, split, stage=stage, tasks=tasks, max_users=max_users, seed=seed)
+    rows = list(ev)
+    if templates == "first":  # the first seen and the first held-out template of each task
+        keep = {}
+        for r in rows:
+            keep.setdefault((r["task"], r["held_out"]), r["template_id"])
+        rows = [r for r in rows if keep[(r["task"], r["held_out"])] == r["template_id"]]
+    by_task = defaultdict(list)
+    for r in rows:
+        by_task[r["task"]].append(r)
+    examples = split.valid if stage == "valid" else split.test
+    if max_users is not None:
+        examples = examples.select(range(min(max_users, len(examples))))
+    report: dict = {"run": str(run_dir), "domain": domain.name, "stage": stage, "users": len(examples), "seed": seed,
+                    "item_mode": run.model.config.item_mode, "fusion": run.model.config.fusion,
+                    "vision": run.model.config.vision_config is not None, "tasks": {}, "baselines": {}, "per_example": {}}
+    T = report["tasks"]
+    if "next_item" in by_task:
+        rs = by_task["next_item"]
+        ranks = eval_ranking(run, rs, batch_size, progress)
+        T["next_item"] = _by_template(rs, ranks, M.ranking_metrics)
+        report["per_example"]["next_item"] = [{"user_id": r["user_id"], "held_out": r["held_out"], "rank": k}
+                                              for r, k in zip(rs, ranks)]
+        report["baselines"]["popularity"] = M.ranking_metrics(popularity_ranks(split, list(examples), domain.item_ids))
+        if domain.generator is not None:  # the oracle on exactly these examples
+            from ..data.oracle import oracle_metrics
+
+            report["baselines"]["oracle"] = oracle_metrics(domain.generator, examples)
+            report["baselines"]["text_only_oracle"] = oracle_metrics(domain.generator, examples, text_only=True)
+    if "pick_candidate" in by_task:
+        rs = by_task["pick_candidate"]
+        hits = eval_candidates(run, rs, batch_size)
+        T["pick_candidate"] = _by_template(rs, hits, lambda v: {"accuracy": float(np.mean(v))})
+        report["baselines"]["pick_candidate_random"] = {"accuracy": 1.0 / 10}
+    if "yes_no" in by_task:
+        rs = by_task["yes_no"]
+        logits = eval_options(run, rs, ["yes", "no"], batch_size)
+        vals = list(zip(logits[:, 0] - logits[:, 1], [r["answer"] == "yes" for r in rs]))
+        T["yes_no"] = _by_template(rs, vals, lambda v: {
+            "accuracy": M.accuracy([s > 0 for s, _ in v], [y for _, y in v]), "auc": M.auc([s for s, _ in v], [y for _, y in v])})
+    if "which_image" in by_task:
+        rs = by_task["which_image"]
+        logits = eval_options(run, rs, ["A", "B"], batch_size)
+        hits = [("A" if a > b else "B") == r["answer"] for (a, b), r in zip(logits, rs)]
+        T["which_image"] = _by_template(rs, hits, lambda v: {"accuracy": float(np.mean(v))})
+    if "rating" in by_task:
+        rs = by_task["rating"]
+        logits = torch.tensor(eval_options(run, rs, ["1", "2", "3", "4", "5"], batch_size))
+        expected = (logits.softmax(-1) * torch.arange(1, 6)).sum(-1).numpy()
+        vals = list(zip(expected, [float(r["answer"]) for r in rs]))
+        T["rating"] = _by_template(rs, vals, lambda v: {"rmse": M.rmse(*zip(*v)), "mae": M.mae(*zip(*v))})
+        base = bias_rating_baseline(split, rs)
+        report["baselines"]["rating_user_item_mean"] = {"rmse": M.rmse(base, [float(r["answer"]) for r in rs]),
+                                                        "mae": M.mae(base, [float(r["answer"]) for r in rs])}
+    for task in ("explanation", "review"):
+        if task in by_task:
+            rs = by_task[task]
+            preds = eval_generate(run, rs, batch_size=batch_size, progress=progress)
+            vals = list(zip(preds, [r["answer"] for r in rs]))
+            T[task] = _by_template(rs, vals, lambda v: {"bleu4": M.bleu4(*map(list, zip(*v))), **M.rouge(*map(list, zip(*v)))})
+            report["per_example"][task] = [{"user_id": r["user_id"], "held_out": r["held_out"], "prediction": p,
+                                            "reference": r["answer"]} for r, p in zip(rs, preds)]
+            base = retrieval_review_baseline(split, rs)
+            refs = [r["answer"] for r in rs]
+            report["baselines"][f"{task}_retrieval"] = {"bleu4": M.bleu4(base, refs), **M.rouge(base, refs)}
+    if "image_generation" in by_task and domain.generator is not None:
+        rs = by_task["image_generation"]
+        seen_attrs = eval_images(run, rs, seed=seed, batch_size=batch_size)
+        gen = domain.generator
+        rng = np.random.default_rng(seed)
+        train_items = sorted({i for s in split.train["item_ids"] for i in s})
+        random_attrs = [_item_image_attrs(gen, train_items[int(rng.integers(len(train_items)))]) for _ in rs]
+        T["image_generation"] = _by_template(rs, [(r, a) for r, a in zip(rs, seen_attrs)],
+                                             lambda v: _preference_hits(gen, v))
+        report["baselines"]["image_generation_unpersonalized"] = _preference_hits(gen, list(zip(rs, random_attrs)))
+    return report
+
+
+def _item_image_attrs(gen: dict, item_id: str) -> dict:
+    return {a: gen["attribute_values"][a][gen["item_attributes"][a][int(item_id)]] for a in gen["image_attributes"]}
+
+
+def _preference_hits(gen: dict, pairs) -> dict[str, float]:
+    """Share of images whose colour/shape/pattern is one of the user's persona's favourites."""
+    out = {}
+    for a in gen["image_attributes"]:
+        hits = []
+        for r, attrs in pairs:
+            k = gen["user_persona"][int(r["user_id"])]
+            fav = {gen["attribute_values"][a][v] for v, w in enumerate(gen["persona_weights"][a][k]) if w > 0}
+            hits.append(attrs.get(a) in fav)
+        out[f"{a}_hit"] = float(np.mean(hits)) if hits else float("nan")
+    out["drawable"] = float(np.mean([attrs.get("colour") is not None for _, attrs in pairs])) if pairs else float("nan")
+    return out
+
+
+def save_report(report: dict, out_dir: str | Path) -> Path:
+    """eval.json + eval.png (next-item metrics against baselines) in out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
+    nxt = report["tasks"].get("next_item")
+    if nxt:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names, hr, nd = [], [], []
+        for name, m in [(f"recfm ({k})", v) for k, v in nxt.items()] + list(
+                (k, v) for k, v in report["baselines"].items() if isinstance(v, dict) and "hr@10" in v):
+            names.append(name.replace("_", " "))
+            hr.append(m["hr@10"])
+            nd.append(m["ndcg@10"])
+        x = np.arange(len(names))
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.bar(x - 0.2, hr, 0.4, label="HR@10")
+        ax.bar(x + 0.2, nd, 0.4, label="NDCG@10")
+        ax.set_xticks(x, names, rotation=20, ha="right")
+        ax.set_title(f"next item, full ranking ({report['domain']}, {report['stage']})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "eval.png", dpi=120)
+        plt.close(fig)
+    return out

@@ -1,0 +1,105 @@
+"""Training configuration: data, not code. Every field has a default and a comment; a YAML file
+names only what it changes (`recfm tune --config my.yaml`, or `--set key=value` on the command line)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+DEFAULT_TASK_WEIGHTS = {
+    "next_item": 2.0, "pick_candidate": 1.0, "explanation": 1.0, "yes_no": 1.0, "which_image": 1.0,
+    "rating": 1.0, "review": 1.0, "image_generation": 1.0,
+}
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train ---
+    stage: str = "tune"  # pretrain | tune | finetune
+    domain: str = ""  # a domain folder (recfm data prepare)
+    tokenizers: str = ""  # a tokenizer folder (recfm tokenize); not needed with init_from
+    output: str = "runs/run"  # the run folder: model, tokenizers, logs, loss curve
+    init_from: str | None = None  # a previous run folder to continue from (tune after pretrain; finetune)
+    # --- the model, when not init_from ---
+    preset: str = "small"  # tiny | small | base
+    fusion: str = "early"  # early | cross_attention
+    item_mode: str = "atomic"  # atomic | semantic | content
+    vision: str | None = "clip"  # clip | siglip | null (a text-only model: the no-image ablation)
+    image_tokens: int = 2  # vectors per image (1-8)
+    text_path: str | None = None  # bring your own: a local Hugging Face causal LM checkpoint
+    vision_path: str | None = None  # bring your own: a local CLIP/SigLIP checkpoint
+    # --- data ---
+    tasks: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))  # task mixture (tune)
+    per_user: int = 3  # (history -> next item) points drawn per user's training sequence
+    max_history: int = 20  # history items per prompt (oldest dropped first)
+    max_tokens: int = 1024  # prompt budget in tokens
+    n_candidates: int = 10  # candidates in pick-from-candidates prompts
+    # --- optimisation ---
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    bf16: bool | str = "auto"  # bf16 autocast: auto = on a GPU, or a CPU whose torch kernels use AVX-512
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    # --- losses ---
+    focal_gamma: float = 0.0  # > 0: focal re-weighting of answer tokens (UniMP)
+    context_loss_weight: float = 0.0  # predict history items' identifiers (pretrain sets 1.0)
+    contrastive_loss_weight: float = 0.0  # image-text alignment (pretrain sets 0.1)
+    # --- LoRA (finetune) ---
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    qlora: bool = False  # 4-bit base weights through bitsandbytes (GPU only)
+    # --- checkpoints and logs ---
+    save_steps: int = 200
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    resume: bool = True  # continue from the newest checkpoint in output/checkpoints if there is one
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides) -> TrainConfig:
+        data = yaml.safe_load(Path(path).read_text()) if path else {}
+        data = {**(data or {}), **{k: v for k, v in overrides.items() if v is not None}}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training config field(s) {unknown}{f' in {path}' if path else ''}; "
+                             f"known: {sorted(known)}")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.stage not in ("pretrain", "tune", "finetune"):
+            raise ValueError(f"stage must be pretrain, tune or finetune, got {self.stage!r}")
+        if not self.domain:
+            raise ValueError("a domain folder is needed (domain: ...)")
+        if not self.init_from and not self.tokenizers:
+            raise ValueError("give tokenizers (a recfm tokenize folder) or init_from (a run folder)")
+        if self.stage == "finetune" and not self.init_from:
+            raise ValueError("finetune starts from a tuned run: set init_from")
+        unknown = set(self.tasks) - set(DEFAULT_TASK_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown task(s) in the mixture: {sorted(unknown)}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(asdict(self), sort_keys=False)
+
+
+def use_bf16(setting: bool | str) -> bool:
+    """Resolve the bf16 setting. On a CPU without AVX-512 (torch capability AVX2), bf16 matmuls are
+    emulated and run several times slower than fp32, so "auto" keeps fp32 there."""
+    if setting != "auto":
+        return bool(setting)
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")

@@ -1,0 +1,173 @@
+"""The training recipe: one plain function over builders, for every stage.
+
+    train(TrainConfig) -> run folder
+
+Pretraining reads serialized training histories and learns them by next-item prediction over the
+item spans (+ image-text alignment); instruction tuning reads the task mixture; fine-tuning adds
+LoRA adapters (PEFT) to a tuned run. The loop is transformers' Trainer, so `torchrun` / `accelerate
+launch` give DDP (FSDP by its arguments) with no change here, and bf16 autocast works on CPU and GPU.
+Checkpoints are safetensors plus optimizer, scheduler, RNG and data-position state, written to a
+staging folder and renamed into place, so a run killed at any moment resumes from a whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import concatenate_datasets
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from .config import TrainConfig, use_bf16
+
+CHECKPOINTS = "checkpoints"
+
+
+class RecFMTrainer(Trainer):
+    """Trainer whose checkpoints appear atomically: written under .staging, then renamed."""
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = self.args.output_dir
+        name = f"checkpoint-{self.state.global_step}"
+        staging = os.path.join(run_dir, ".staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = run_dir
+        final = os.path.join(run_dir, name)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(os.path.join(staging, name), final)
+        shutil.rmtree(staging, ignore_errors=True)
+        if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
+            self.state.best_model_checkpoint = final
+        self._rotate(run_dir)
+
+    def _rotate(self, run_dir: str) -> None:
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        found = sorted((p for p in Path(run_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                       key=lambda p: int(p.name.split("-")[-1]))
+        for old in found[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _examples(cfg: TrainConfig, domain, split):
+    from ..instructions.examples import build_pretraining_examples, build_training_examples
+
+    if cfg.stage == "pretrain":
+        return build_pretraining_examples(split, max_history=cfg.max_history, seed=cfg.seed)
+    tasks = [t for t, w in cfg.tasks.items() if w > 0]
+    ds = build_training_examples(domain, split, tasks=tasks, per_user=cfg.per_user, max_history=cfg.max_history,
+                                 n_candidates=cfg.n_candidates, seed=cfg.seed)
+    # the mixture: each task's examples resampled to its weight relative to the mean weight
+    rng = np.random.default_rng(cfg.seed)
+    mean_w = float(np.mean([cfg.tasks[t] for t in tasks]))
+    parts = []
+    task_col = np.asarray(ds["task"])
+    for t in tasks:
+        idx = np.flatnonzero(task_col == t)
+        if not len(idx):
+            continue
+        n = max(1, int(round(len(idx) * cfg.tasks[t] / mean_w)))
+        parts.append(ds.select(rng.choice(idx, size=n, replace=n > len(idx)).tolist()))
+    return concatenate_datasets(parts).shuffle(seed=cfg.seed)
+
+
+def plot_losses(log_history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in log_history if "loss" in h]
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    if not steps:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Run one stage; returns the run folder (loadable with from_pretrained)."""
+    from ..data import leave_one_out, load_domain
+    from ..foundation import RecFMForCausalLM
+    from ..foundation.build import build_model
+    from ..tokenizers.build import Tokenizers
+    from .collate import Collator, ItemImages, content_catalogue, render_context
+
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.yaml").write_text(cfg.to_yaml())
+    domain = load_domain(cfg.domain)
+    split = leave_one_out(domain)
+    losses = dict(focal_gamma=cfg.focal_gamma,
+                  context_loss_weight=cfg.context_loss_weight or (1.0 if cfg.stage == "pretrain" else 0.0),
+                  contrastive_loss_weight=cfg.contrastive_loss_weight or (0.1 if cfg.stage == "pretrain" else 0.0))
+    if cfg.init_from:
+        tokenizers = Tokenizers(cfg.init_from)
+        model = RecFMForCausalLM.from_pretrained(cfg.init_from)
+        for k, v in losses.items():
+            setattr(model.config, k, v)
+    else:
+        tokenizers = Tokenizers(cfg.tokenizers, cfg.item_mode)
+        model = build_model(cfg.preset, tokenizers, fusion=cfg.fusion, vision=cfg.vision, image_tokens=cfg.image_tokens,
+                            text_path=cfg.text_path, vision_path=cfg.vision_path, **losses)
+    mc = model.config
+    images = ItemImages(domain, mc.vision_config.image_size) if mc.vision_config is not None else None
+    if mc.item_mode == "content":
+        content_catalogue(model, tokenizers, domain, images)
+    examples = _examples(cfg, domain, split)
+    collator = Collator(render_context(tokenizers, domain, mc, cfg.max_tokens), images, mc)
+    if cfg.stage == "finetune":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    steps_per_epoch = math.ceil(len(examples) / (cfg.batch_size * cfg.grad_accum))
+    args = TrainingArguments(
+        output_dir=str(out / CHECKPOINTS), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine", warmup_steps=max(
+            1, int(cfg.warmup_ratio * (cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs))),
+        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        bf16=use_bf16(cfg.bf16), seed=cfg.seed, data_seed=cfg.seed, report_to=["tensorboard"],
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not progress,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "logs")
+    trainer = RecFMTrainer(model=model, args=args, train_dataset=examples, data_collator=collator)
+    resume = get_last_checkpoint(args.output_dir) if cfg.resume and (out / CHECKPOINTS).exists() else None
+    trainer.train(resume_from_checkpoint=resume)
+    if cfg.stage == "finetune":
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    tokenizers.save_pretrained(out)
+    (out / "run.json").write_text(json.dumps({
+        "stage": cfg.stage, "domain": str(Path(cfg.domain).resolve()), "item_mode": mc.item_mode, "fusion": mc.fusion,
+        "vision": mc.vision_config is not None, "examples": len(examples), "steps": trainer.state.global_step,
+        "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+        "train_runtime_s": next((h["train_runtime"] for h in reversed(trainer.state.log_history) if "train_runtime" in h), None),
+    }, indent=2) + "\n")
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+    plot_losses(trainer.state.log_history, out / "loss.png")
+    return out
