@@ -156,11 +156,21 @@ def tokenize(
     console.print(json.dumps(s, indent=2))
 
 
+def _parse_value(v: str):
+    """--set values: numbers (3e-3 included, which YAML 1.1 reads as a string), then YAML."""
+    import yaml
+
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return yaml.safe_load(v)
+
+
 def _train_command(stage: str, config: Optional[Path], domain: Optional[Path], tokenizers: Optional[Path],
                    output: Optional[Path], init_from: Optional[Path], preset: Optional[str], fusion: Optional[str],
                    item_mode: Optional[str], max_steps: Optional[int], sets: list[str]):
-    import yaml
-
     from recfm.training import TrainConfig, train
 
     overrides = dict(stage=stage, domain=str(domain) if domain else None, tokenizers=str(tokenizers) if tokenizers else None,
@@ -170,7 +180,7 @@ def _train_command(stage: str, config: Optional[Path], domain: Optional[Path], t
         if "=" not in kv:
             _fail(f"--set takes key=value, got {kv!r}")
         k, v = kv.split("=", 1)
-        overrides[k.strip()] = yaml.safe_load(v)
+        overrides[k.strip()] = _parse_value(v)
     try:
         cfg = TrainConfig.load(config, **overrides)
     except (ValueError, FileNotFoundError) as e:

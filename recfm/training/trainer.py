@@ -83,6 +83,21 @@ def _examples(cfg: TrainConfig, domain, split):
     return concatenate_datasets(parts).shuffle(seed=cfg.seed)
 
 
+def _drop_too_long(examples, collator):
+    """Examples whose prompt cannot fit the budget even with no history are left out, and counted."""
+    from ..instructions.chat import PromptTooLong
+
+    keep = []
+    for k, m in enumerate(examples["messages"]):
+        try:
+            collator.encode(m)
+            keep.append(k)
+        except PromptTooLong:
+            pass
+    dropped = len(examples) - len(keep)
+    return (examples.select(keep) if dropped else examples), dropped
+
+
 def plot_losses(log_history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -103,8 +118,9 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> Path:
-    """Run one stage; returns the run folder (loadable with from_pretrained)."""
+def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None) -> Path:
+    """Run one stage; returns the run folder (loadable with from_pretrained). `callbacks` are
+    transformers TrainerCallbacks (metrics, early stopping, checks)."""
     from ..data import leave_one_out, load_domain
     from ..foundation import RecFMForCausalLM
     from ..foundation.build import build_model
@@ -136,6 +152,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         content_catalogue(model, tokenizers, domain, images)
     examples = _examples(cfg, domain, split)
     collator = Collator(render_context(tokenizers, domain, mc, cfg.max_tokens), images, mc)
+    examples, too_long = _drop_too_long(examples, collator)
+    if too_long:
+        print(f"dropped {too_long} of {len(examples) + too_long} examples that do not fit max_tokens={cfg.max_tokens} "
+              "even without history (raise max_tokens to keep them)")
     if cfg.stage == "finetune":
         from peft import LoraConfig, get_peft_model
 
@@ -155,16 +175,18 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         use_cpu=not torch.cuda.is_available(),
     )
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "logs")
-    trainer = RecFMTrainer(model=model, args=args, train_dataset=examples, data_collator=collator)
+    trainer = RecFMTrainer(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=callbacks)
     resume = get_last_checkpoint(args.output_dir) if cfg.resume and (out / CHECKPOINTS).exists() else None
     trainer.train(resume_from_checkpoint=resume)
+    if not trainer.is_world_process_zero():
+        return out
     if cfg.stage == "finetune":
         model = model.merge_and_unload()
     model.save_pretrained(out)
     tokenizers.save_pretrained(out)
     (out / "run.json").write_text(json.dumps({
         "stage": cfg.stage, "domain": str(Path(cfg.domain).resolve()), "item_mode": mc.item_mode, "fusion": mc.fusion,
-        "vision": mc.vision_config is not None, "examples": len(examples), "steps": trainer.state.global_step,
+        "vision": mc.vision_config is not None, "examples": len(examples), "dropped_too_long": too_long, "steps": trainer.state.global_step,
         "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
         "train_runtime_s": next((h["train_runtime"] for h in reversed(trainer.state.log_history) if "train_runtime" in h), None),
     }, indent=2) + "\n")

@@ -1,0 +1,161 @@
+"""Training end to end on a tiny model: stages, resume after SIGKILL, 2-process DDP, evaluation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from recfm.training import TrainConfig, train
+
+TINY = dict(preset="tiny", batch_size=4, logging_steps=2, max_history=6, max_tokens=256, lr=3e-3, bf16=False,
+            per_user=1, save_steps=4)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(small_default, tmp_path_factory):
+    from recfm.tokenizers.build import tokenize_domain
+
+    out = tmp_path_factory.mktemp("tok")
+    tokenize_domain(small_default.path, out, vocab_size=500, vq_steps=20, vq_codebook=64, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tuned_run(small_default, tok_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    pre = train(TrainConfig(stage="pretrain", domain=str(small_default.path), tokenizers=str(tok_dir),
+                            output=str(root / "pre"), max_steps=6, **TINY), progress=False)
+    run = train(TrainConfig(stage="tune", domain=str(small_default.path), init_from=str(pre), output=str(root / "tune"),
+                            max_steps=12, **TINY), progress=False)
+    return run
+
+
+def test_stages_write_a_loadable_run(tuned_run):
+    from transformers import AutoModelForCausalLM
+
+    import recfm.foundation  # noqa: F401  (registers the Auto classes)
+
+    info = json.loads((tuned_run / "run.json").read_text())
+    assert info["stage"] == "tune" and info["steps"] == 12
+    hist = json.loads((tuned_run / "log_history.json").read_text())
+    losses = [h["loss"] for h in hist if "loss" in h]
+    assert len(losses) == 6 and all(l == l for l in losses)
+    assert (tuned_run / "loss.png").stat().st_size > 1000
+    assert any((tuned_run / "logs").iterdir())  # TensorBoard events
+    assert AutoModelForCausalLM.from_pretrained(tuned_run).config.model_type == "recfm"
+    ckpts = sorted(p.name for p in (tuned_run / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-12", "checkpoint-8"]  # save_total_limit 2, no staging left behind
+
+
+def test_loss_goes_down_when_training_longer(small_default, tok_dir, tmp_path):
+    run = train(TrainConfig(stage="tune", domain=str(small_default.path), tokenizers=str(tok_dir), output=str(tmp_path / "r"),
+                            max_steps=30, tasks={"next_item": 1.0}, **{**TINY, "logging_steps": 5}), progress=False)
+    losses = [h["loss"] for h in json.loads((run / "log_history.json").read_text()) if "loss" in h]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("stage: tune\ndomain: x\ntokenizers: y\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown training config field\(s\) \['learning_rate'\]"):
+        TrainConfig.load(cfg)
+    with pytest.raises(ValueError, match="stage must be"):
+        TrainConfig.load(None, stage="fly", domain="x", tokenizers="y")
+
+
+def _cli(args, **kw):
+    return [sys.executable, "-m", "recfm.cli", *map(str, args)]
+
+
+def _tune_cmd(domain, tok, out, steps):
+    return _cli(["tune", "--domain", domain, "--tokenizers", tok, "--output", out, "--max-steps", steps,
+                 "--preset", "tiny", "--set", "batch_size=4", "--set", "logging_steps=1", "--set", "save_steps=3",
+                 "--set", "bf16=false", "--set", "max_history=6", "--set", "per_user=1", "--set", "lr=3e-3",
+                 "--set", "save_total_limit=5"])
+
+
+def test_sigkill_then_resume_continues_the_same_loss_curve(small_default, tok_dir, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(_tune_cmd(small_default.path, tok_dir, tmp_path / "ref", 9), env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    ref_losses = {h["step"]: h["loss"] for h in json.loads((tmp_path / "ref" / "log_history.json").read_text()) if "loss" in h}
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_tune_cmd(small_default.path, tok_dir, out, 9), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "checkpoint-3").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "run.json").exists()  # it really died mid-run
+    resumed = subprocess.run(_tune_cmd(small_default.path, tok_dir, out, 9), env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    hist = json.loads((out / "log_history.json").read_text())
+    losses = {h["step"]: h["loss"] for h in hist if "loss" in h}
+    assert max(losses) == 9
+    first_resumed = min(s for s in losses if s > 3)
+    for step in range(first_resumed, 10):
+        assert losses[step] == pytest.approx(ref_losses[step], rel=1e-3, abs=1e-3), (step, losses, ref_losses)
+
+
+SYNC_SCRIPT = r'''
+import hashlib, json, os, sys
+import torch
+from transformers import TrainerCallback
+from recfm.training import TrainConfig, train
+
+class Checksum(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kw):
+        h = hashlib.sha256()
+        for name, p in sorted(model.named_parameters()):
+            h.update(p.detach().float().numpy().tobytes())
+        rank = int(os.environ.get("RANK", 0))
+        open(os.path.join(sys.argv[3], f"rank{rank}.json"), "w").write(json.dumps(
+            {"rank": rank, "world": int(os.environ.get("WORLD_SIZE", 1)), "sha": h.hexdigest(), "step": state.global_step}))
+
+cfg = TrainConfig(stage="tune", domain=sys.argv[1], tokenizers=sys.argv[2], output=os.path.join(sys.argv[3], "run"),
+                  preset="tiny", batch_size=2, max_steps=4, bf16=False, max_history=6, per_user=1, save_steps=100,
+                  logging_steps=1, tasks={"next_item": 1.0})
+train(cfg, progress=False, callbacks=[Checksum()])
+'''
+
+
+def test_two_process_ddp_keeps_parameters_in_sync(small_default, tok_dir, tmp_path):
+    script = tmp_path / "sync.py"
+    script.write_text(SYNC_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                           str(script), str(small_default.path), str(tok_dir), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["step"] == 4 for r in ranks)
+    assert ranks[0]["sha"] == ranks[1]["sha"]
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_eval_reports_every_task_with_baselines(tuned_run, small_default, tmp_path):
+    from recfm.eval.runner import evaluate, save_report
+
+    report = evaluate(tuned_run, small_default.path, max_users=12, progress=False)
+    assert set(report["tasks"]) == {"next_item", "pick_candidate", "explanation", "yes_no", "which_image", "rating",
+                                    "review", "image_generation"}
+    for task, by in report["tasks"].items():
+        assert set(by) == {"seen", "held_out"}, task
+    nxt = report["tasks"]["next_item"]["seen"]
+    assert 0.0 <= nxt["hr@5"] <= nxt["hr@10"] <= nxt["hr@20"] <= 1.0
+    ranks = [e["rank"] for e in report["per_example"]["next_item"] if not e["held_out"]]
+    assert len(ranks) == 12 and all(0 <= r < 80 for r in ranks)
+    b = report["baselines"]
+    assert b["oracle"]["ndcg@10"] >= b["text_only_oracle"]["ndcg@10"] - 0.05
+    out = save_report(report, tmp_path / "ev")
+    assert (out / "eval.png").stat().st_size > 1000 and json.loads((out / "eval.json").read_text())["users"] == 12
