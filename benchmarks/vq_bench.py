@@ -22,18 +22,18 @@ import argparse
 import json
 import os
 import platform
-import random
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from recfm.data.synthetic import draw_random_images  # noqa: E402
 from recfm.tokenizers.images import ImageError, load_image  # noqa: E402
 from recfm.tokenizers.vq import VQConfig, evaluate_vq, psnr, train_vq  # noqa: E402
 
@@ -41,30 +41,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".ti
 
 
 def draw_shapes(n: int, size: int, seed: int) -> np.ndarray:
-    """n procedural images (uint8, (n, size, size, 3)): coloured circles, squares and triangles on a
-    light background, a third striped. A stand-in until the default domain's generator lands."""
-    rng = random.Random(seed)
-    images = []
-    for _ in range(n):
-        im = Image.new("RGB", (size, size), tuple(rng.randint(200, 255) for _ in range(3)))
-        draw = ImageDraw.Draw(im)
-        if rng.random() < 1 / 3:
-            step, colour = rng.randint(3, 8) * size // 32, tuple(rng.randint(120, 220) for _ in range(3))
-            for x in range(0, 2 * size, 2 * step):
-                draw.polygon([(x, 0), (x + step, 0), (x + step - size, size), (x - size, size)], colour)
-        for _ in range(rng.randint(1, 3)):
-            r = rng.randint(size // 8, size // 3)
-            cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
-            colour, box = tuple(rng.randint(0, 200) for _ in range(3)), [cx - r, cy - r, cx + r, cy + r]
-            shape = rng.choice(["circle", "square", "triangle"])
-            if shape == "circle":
-                draw.ellipse(box, colour)
-            elif shape == "square":
-                draw.rectangle(box, colour)
-            else:
-                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], colour)
-        images.append(np.asarray(im))
-    return np.stack(images)
+    """n pictures drawn like the default domain's items (uint8, (n, size, size, 3))."""
+    return np.stack([np.asarray(im) for im in draw_random_images(n, size, seed)])
 
 
 def load_folder(folder: Path, size: int, limit: int | None) -> tuple[np.ndarray, int]:

@@ -282,7 +282,8 @@ def quickstart(
     if (tok_dir / "tokenizers.json").exists():
         console.print(f"using {tok_dir}")
     else:
-        tokenize_domain(domain_dir, tok_dir, vocab_size=2048, vq_steps=600, seed=seed)
+        tokenize_domain(domain_dir, tok_dir, vocab_size=2048, vq_steps=800, vq_codebook=256, vq_channels=32,
+                        vq_batch_size=32, seed=seed)
     common = dict(domain=str(domain_dir), preset=preset, seed=seed, batch_size=8, logging_steps=10, save_steps=100,
                   max_history=12, max_tokens=512)
     console.rule("3/5  multimodal pretraining")

@@ -1,40 +1,19 @@
 import json
-import random
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from recfm.data.synthetic import draw_random_images
 from recfm.tokenizers.vq import VQConfig, VQTokenizer, evaluate_vq, psnr, train_vq
 
 SMALL = VQConfig(image_size=32, channels=32, codebook_size=256, code_dim=32, grid=8)
 
 
 def draw_shapes(n: int, size: int = 32, seed: int = 0) -> list[Image.Image]:
-    """Coloured circles, squares and triangles on a light background, a third of them striped."""
-    rng = random.Random(seed)
-    images = []
-    for _ in range(n):
-        im = Image.new("RGB", (size, size), tuple(rng.randint(200, 255) for _ in range(3)))
-        draw = ImageDraw.Draw(im)
-        if rng.random() < 1 / 3:
-            step, colour = rng.randint(3, 8) * size // 32, tuple(rng.randint(120, 220) for _ in range(3))
-            for x in range(0, 2 * size, 2 * step):
-                draw.polygon([(x, 0), (x + step, 0), (x + step - size, size), (x - size, size)], colour)
-        for _ in range(rng.randint(1, 3)):
-            r = rng.randint(size // 8, size // 3)
-            cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
-            colour, box = tuple(rng.randint(0, 200) for _ in range(3)), [cx - r, cy - r, cx + r, cy + r]
-            shape = rng.choice(["circle", "square", "triangle"])
-            if shape == "circle":
-                draw.ellipse(box, colour)
-            elif shape == "square":
-                draw.rectangle(box, colour)
-            else:
-                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], colour)
-        images.append(im)
-    return images
+    """The default domain's item pictures: coloured shapes, solid, striped or dotted."""
+    return draw_random_images(n, size, seed)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -93,10 +72,13 @@ def test_trained_tokenizer_reconstructs_held_out_images(trained):
     assert history["mse"][-1] < history["mse"][0] and history["train_time_s"] > 0
     held_out = draw_shapes(64, seed=1)
     metrics = evaluate_vq(model, held_out)
-    # Measured (torch 2.13, 2-core CPU): held-out PSNR 17.2 dB, codebook usage 0.97, perplexity 169.
-    # For scale: one mean colour per image gives 13.0 dB, and without dead-code restarts usage is
-    # ~0.06. Floors leave room for numerical drift across machines.
-    assert metrics["psnr"] > 15.5, metrics
+    # Measured on the default domain's pictures (torch 2.13, 2-core CPU, 300 steps): held-out PSNR
+    # 15.4 dB, codebook usage 0.99, perplexity 173. Without dead-code restarts usage is ~0.06.
+    # The floor sits below the measurement for numerical drift, and well above the trivial
+    # reconstruction: every image replaced by its own mean colour.
+    x = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in held_out]).float() / 255
+    mean_colour = psnr(x.mean((2, 3), keepdim=True).expand_as(x), x)
+    assert metrics["psnr"] > 14.0 and metrics["psnr"] > mean_colour + 1.0, (metrics, mean_colour)
     assert metrics["codebook_usage"] > 0.5, metrics
     assert metrics["perplexity"] > 64, metrics
 

@@ -141,6 +141,13 @@ def draw_item_image(colour: str, shape: str, pattern: str, size: int, rng: np.ra
     return img
 
 
+def draw_random_images(n: int, size: int = 32, seed: int = 0) -> list[Image.Image]:
+    """n images of random colour/shape/pattern, drawn as the default domain draws its items."""
+    rng = np.random.default_rng(seed)
+    return [draw_item_image(list(COLOURS)[int(rng.integers(len(COLOURS)))], SHAPES[int(rng.integers(len(SHAPES)))],
+                            PATTERNS[int(rng.integers(len(PATTERNS)))], size, rng) for _ in range(n)]
+
+
 _PALETTE = np.array([BACKGROUND, INK, *COLOURS.values()], dtype=np.float32)
 
 

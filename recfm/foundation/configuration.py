@@ -40,7 +40,7 @@ class RecFMConfig(PreTrainedConfig):
     image_std: list[float] | tuple[float, ...] = CLIP_STD
     # fusion
     fusion: str = "early"
-    cross_attention_every: int = 2  # a gated cross-attention block after every k-th decoder layer
+    cross_attention_every: int = 2  # a gated cross-attention block before every k-th decoder layer
     # items
     item_mode: str = "atomic"
     n_items: int = 0
@@ -106,7 +106,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vision": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, patch_size=8),
     },
     "base": {  # GPU: ~100-300M
-        "text": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                      num_key_value_heads=4, max_position_embeddings=4096),
         "vision": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, patch_size=8),
     },

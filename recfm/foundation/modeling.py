@@ -4,14 +4,16 @@
     tokens --embeddings--> [early fusion: image vectors replace the <image> placeholders]
                            [content items: <item> placeholders get the item encoder's vector]
            --Llama-family decoder--> [cross-attention fusion: gated item-level cross-attention
-                                      after every k-th layer, via forward hooks on those layers]
+                                      before every k-th layer, via forward pre-hooks on those layers]
            --lm_head--> next-token logits;  --ranking head--> a score for every catalogue item
 
 The language model is a stock transformers model (`AutoModel.from_config(text_config)`), untouched:
 a loaded Llama/Qwen2/Mistral checkpoint computes inside RecFM exactly what it computes alone, and
 attention goes through transformers' attention interface (sdpa, flash_attention_2, or any
-registered implementation). Cross-attention blocks are attached with forward hooks rather than by
-rewriting the decoder loop, and their gates start at zero.
+registered implementation). Cross-attention blocks are attached with forward pre-hooks rather than by
+rewriting the decoder loop, and their gates start at zero. A block runs on the input of its decoder
+layer (as in Flamingo), never after the last layer: there it could only change the item tokens' own
+outputs, which no answer token would ever attend to.
 
 How a sequence is read (all from token ids, see `token_image_index`): the k-th run of
 `image_tokens` <image> tokens is the k-th image of `pixel_values` (row-major over the batch); an
@@ -30,8 +32,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn import init
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration import RecFMConfig
@@ -98,8 +100,13 @@ class RecFMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        # Non-persistent buffers are not in a checkpoint: from_pretrained materialises them empty, so
+        # they are set here (transformers.initialization's functions leave loaded tensors alone).
         super()._init_weights(module)
-        if isinstance(module, GatedCrossAttention):
+        if isinstance(module, RecFMModel):
+            init.copy_(module.image_mean, torch.tensor(self.config.image_mean).view(1, 3, 1, 1))
+            init.copy_(module.image_std, torch.tensor(self.config.image_std).view(1, 3, 1, 1))
+        elif isinstance(module, GatedCrossAttention):
             init.zeros_(module.attn_gate)
             init.zeros_(module.ff_gate)
         elif isinstance(module, ItemEncoder):
@@ -132,7 +139,7 @@ class RecFMModel(RecFMPreTrainedModel):
         )
         self._xattn_ctx: tuple[torch.Tensor, torch.Tensor] | None = None
         for i in self.cross_attn:
-            self.language_model.layers[int(i)].register_forward_hook(partial(self._xattn_hook, i))
+            self.language_model.layers[int(i)].register_forward_pre_hook(partial(self._xattn_hook, i), with_kwargs=True)
         self.item_encoder = None
         if config.item_mode == "content":
             if config.n_items < 1:
@@ -167,7 +174,12 @@ class RecFMModel(RecFMPreTrainedModel):
         pixel_values = pixel_values.to(dtype)
         if not self.config.freeze_vision:
             return self.projector(vision_features(self.vision_tower, pixel_values))
-        keys = [hashlib.sha1(p.detach().cpu().float().numpy().tobytes()).digest() for p in pixel_values]
+        # the key says how the features were computed too: features from an autocast (bf16) pass must
+        # not stand in for fp32 ones later, nor the other way round
+        device = pixel_values.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        mode = f"{dtype}/{autocast}".encode()
+        keys = [hashlib.sha1(mode + p.detach().cpu().float().numpy().tobytes()).digest() for p in pixel_values]
         missing = [i for i, k in enumerate(keys) if k not in self._image_cache]
         if missing:
             with torch.no_grad():
@@ -214,15 +226,18 @@ class RecFMModel(RecFMPreTrainedModel):
 
     # --- the forward pass -----------------------------------------------------------------------
 
-    def _xattn_hook(self, key, module, args, output):
+    def _xattn_hook(self, key, module, args, kwargs):
+        """Forward pre-hook: cross-attend the decoder layer's input hidden states to the images."""
         if self._xattn_ctx is None:
-            return output
+            return None
         feats, token_image = self._xattn_ctx
-        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = args[0] if args else kwargs["hidden_states"]
         if hidden.shape[:2] != token_image.shape:
-            return output
+            return None
         hidden = self.cross_attn[key](hidden, feats, token_image)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 pixel_values=None, content_item_ids=None, use_cache=None, **kwargs) -> RecFMModelOutput:
@@ -330,6 +345,28 @@ class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
                 loss = loss + self.config.contrastive_loss_weight * out.contrastive_loss
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
                                       attentions=out.attentions)
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search / num_return_sequences copy each prompt `expand_size` times. `pixel_values` and
+        `content_item_ids` are not per row but per image / per <item> token, row-major, so each row's
+        group is copied whole ([A, B] -> [A, B, A, B]); the default copies entry by entry
+        ([A, A, B, B]), which hands the copies of a prompt other prompts' images."""
+        grouped = {}
+        if expand_size > 1 and input_ids is not None:
+            cfg = self.config
+            for key, token_id, per in (("pixel_values", cfg.image_token_id, cfg.image_tokens),
+                                       ("content_item_ids", cfg.item_token_id, 1)):
+                x = model_kwargs.get(key)
+                if isinstance(x, torch.Tensor) and len(x):
+                    counts = ((input_ids == token_id).sum(1) // per).tolist()
+                    if sum(counts) == len(x):
+                        groups = x.split(counts)
+                        grouped[key] = torch.cat([g for g in groups for _ in range(expand_size)])
+                        model_kwargs.pop(key)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+        model_kwargs.update(grouped)
+        return input_ids, model_kwargs
 
     # --- losses ---------------------------------------------------------------------------------
 

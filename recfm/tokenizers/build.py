@@ -57,7 +57,8 @@ def content_embeddings(titles: list[str], texts: list[str], images: list[Image.I
 
 
 def tokenize_domain(domain_dir: str | Path, out: str | Path, *, vocab_size: int = 4096, semantic_levels: int = 3,
-                    vq_steps: int = 1500, vq_image_size: int | None = None, vq_codebook: int = 512, seed: int = 0,
+                    vq_steps: int = 1500, vq_image_size: int | None = None, vq_codebook: int = 512,
+                    vq_channels: int = 64, vq_batch_size: int = 64, seed: int = 0,
                     progress: bool = True) -> dict:
     """Train and save every tokenizer for a domain; returns the summary written to tokenizers.json."""
     from ..data import ItemIndex, load_domain, leave_one_out
@@ -122,8 +123,9 @@ def tokenize_domain(domain_dir: str | Path, out: str | Path, *, vocab_size: int 
         perm = rng.permutation(len(with_image))
         n_held = max(1, len(with_image) // 10) if len(with_image) >= 20 else 0
         held, fit = perm[:n_held], perm[n_held:]
-        cfg = VQConfig(image_size=size, codebook_size=vq_codebook)
-        vq, history = train_vq([with_image[i][1] for i in fit], cfg, steps=vq_steps, seed=seed, progress=progress)
+        cfg = VQConfig(image_size=size, codebook_size=vq_codebook, channels=vq_channels)
+        vq, history = train_vq([with_image[i][1] for i in fit], cfg, steps=vq_steps, batch_size=vq_batch_size, seed=seed,
+                               progress=progress)
         vq.save_pretrained(out / "vq")
         quality = evaluate_vq(vq, [with_image[i][1] for i in (held if n_held else fit)])
         codes = {}
@@ -133,6 +135,7 @@ def tokenize_domain(domain_dir: str | Path, out: str | Path, *, vocab_size: int 
             codes.update({iid: c.tolist() for (iid, _), c in zip(batch, enc)})
         (out / "image_codes.json").write_text(json.dumps(codes) + "\n")
         summary["vq"] = {"image_size": size, "codebook_size": vq_codebook, "grid": cfg.grid, "steps": vq_steps,
+                         "channels": vq_channels, "batch_size": vq_batch_size,
                          "held_out_images": int(n_held), "final_train_mse": history["mse"][-1],
                          **{k: float(v) for k, v in quality.items()}}
         summary["timings_s"]["vq"] = round(time.perf_counter() - t0, 2)
@@ -146,16 +149,21 @@ class Tokenizers:
     VQ tokenizer and every catalogue image's codes."""
 
     def __init__(self, folder: str | Path, item_mode: str = "atomic", with_image_codes: bool = True):
+        """`folder` is either what `recfm tokenize` wrote (tokens are added here) or a model run
+        folder written by `save_pretrained` (already assembled; `item_mode` is read from it)."""
         from ..data import ItemIndex
-        from .items import ItemTokenizer
+        from .items import CONFIG_NAME, ItemTokenizer
         from .text import load_text_tokenizer
 
         folder = Path(folder)
-        self.folder, self.item_mode = folder, item_mode
-        self.text = load_text_tokenizer(folder / "text")
-        self.items = ItemTokenizer.from_pretrained(folder / "items" / item_mode)
+        assembled = (folder / CONFIG_NAME).exists()
+        self.folder = folder
+        self.text = load_text_tokenizer(folder if assembled else folder / "text")
+        self.items = ItemTokenizer.from_pretrained(folder if assembled else folder / "items" / item_mode)
+        self.item_mode = self.items.mode
         self.index = ItemIndex.load(folder / "item_index.json")
-        self.text.add_tokens(self.items.new_tokens(), special_tokens=True)
+        if not assembled:
+            self.text.add_tokens(self.items.new_tokens(), special_tokens=True)
         self.items.bind(self.text)
         self.vq = None
         self.image_codes: dict[str, list[int]] = {}
@@ -163,7 +171,8 @@ class Tokenizers:
             from .vq import VQTokenizer
 
             self.vq = VQTokenizer.from_pretrained(folder / "vq")
-            self.text.add_tokens(self.vq.token_strings(), special_tokens=True)
+            if not assembled:
+                self.text.add_tokens(self.vq.token_strings(), special_tokens=True)
             self.image_codes = json.loads((folder / "image_codes.json").read_text())
 
     @property

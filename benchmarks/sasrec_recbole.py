@@ -1,0 +1,123 @@
+"""SASRec from RecBole (a peer's implementation, not ours) on recfm's exact leave-one-out split.
+
+RecBole 1.2.1 needs older numpy/pandas than recfm, so it lives in its own virtualenv
+(`--venv`, created on first use):
+
+    pip install torch==2.13.0 && pip install recbole==1.2.1 "numpy<2" "pandas<3" "setuptools<81"
+
+The domain's interactions are exported as RecBole atomic files in recfm's order (per user by time,
+ties by item id; RecBole's sort by time is stable, so it sees the same order), RecBole splits
+leave-one-out by time ('LS': valid_and_test, 'TO') and ranks all items with the user's history
+masked ('full'), and the script checks that RecBole's test (user, item) pairs are exactly recfm's
+before it reports RecBole's metrics.
+
+    python benchmarks/sasrec_recbole.py --domain DIR [--seed 0] [--epochs 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT_VENV = Path(os.environ.get("RECFM_RECBOLE_VENV", Path.home() / ".cache" / "recfm" / "recbole-venv"))
+
+RUNNER = r'''
+import json, sys, os
+os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+from recbole.config import Config
+from recbole.data import create_dataset, data_preparation
+from recbole.model.sequential_recommender import SASRec
+from recbole.trainer import Trainer
+from recbole.utils import init_seed
+
+data_path, name, seed, epochs, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+cfg = {
+    "data_path": data_path, "dataset": name, "seed": seed, "reproducibility": True, "device": "cpu", "use_gpu": False,
+    "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
+    "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+    "user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)",
+    "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
+    "metrics": ["Hit", "NDCG", "MRR"], "topk": [5, 10, 20], "valid_metric": "NDCG@10",
+    "epochs": epochs, "train_batch_size": 256, "eval_batch_size": 256, "stopping_step": 10,
+    "loss_type": "CE", "train_neg_sample_args": None, "MAX_ITEM_LIST_LENGTH": 50,
+    "n_layers": 2, "n_heads": 2, "hidden_size": 64, "inner_size": 256, "hidden_dropout_prob": 0.5,
+    "attn_dropout_prob": 0.5, "learning_rate": 0.001, "show_progress": False, "checkpoint_dir": os.path.join(out, "saved"),
+}
+config = Config(model="SASRec", config_dict=cfg)
+init_seed(seed, True)
+dataset = create_dataset(config)
+train_data, valid_data, test_data = data_preparation(config, dataset)
+model = SASRec(config, train_data.dataset).to(config["device"])
+trainer = Trainer(config, model)
+trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+tds = test_data.dataset
+uid, iid = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
+users = tds.id2token(uid, tds.inter_feat[uid].numpy())
+items = tds.id2token(iid, tds.inter_feat[iid].numpy())
+json.dump({"metrics": {k: float(v) for k, v in result.items()},
+           "test_pairs": sorted([str(u), str(i)] for u, i in zip(users, items)),
+           "n_items": int(dataset.item_num - 1)}, open(os.path.join(out, "recbole.json"), "w"))
+'''
+
+
+def ensure_venv(venv: Path) -> Path:
+    py = venv / "bin" / "python"
+    if py.exists():
+        return py
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(py), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["torch==2.13.0"], check=True)
+    subprocess.run(pip + ["recbole==1.2.1", "numpy<2", "pandas<3", "setuptools<81"], check=True)
+    return py
+
+
+def export_atomic(domain, folder: Path) -> str:
+    """<name>.inter in recfm's per-user time order (RecBole's stable time sort keeps it)."""
+    name = "recfm_export"
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    with open(folder / name / f"{name}.inter", "w") as f:
+        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
+        for batch in domain.interactions.select_columns(["user_id", "item_id", "timestamp"]).iter(batch_size=50_000):
+            for u, i, t in zip(batch["user_id"], batch["item_id"], batch["timestamp"]):
+                f.write(f"{u}\t{i}\t{t}\n")
+    return name
+
+
+def run_sasrec(domain_dir: str | Path, seed: int = 0, epochs: int = 50, venv: Path = DEFAULT_VENV) -> dict:
+    from recfm.data import leave_one_out, load_domain
+
+    domain = load_domain(domain_dir)
+    py = ensure_venv(venv)
+    with tempfile.TemporaryDirectory(prefix="recbole-") as tmp:
+        tmp = Path(tmp)
+        name = export_atomic(domain, tmp)
+        (tmp / "runner.py").write_text(RUNNER)
+        env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+        subprocess.run([str(py), str(tmp / "runner.py"), str(tmp), name, str(seed), str(epochs), str(tmp)],
+                       check=True, env=env, cwd=tmp)
+        out = json.loads((tmp / "recbole.json").read_text())
+    ours = sorted([r["user_id"], r["target"]] for r in leave_one_out(domain).test)
+    out["same_test_pairs"] = out.pop("test_pairs") == ours
+    out["seed"], out["epochs"] = seed, epochs
+    if not out["same_test_pairs"]:
+        raise RuntimeError("RecBole's test items differ from recfm's split: the comparison would not be fair")
+    m = out["metrics"]
+    out["recfm_names"] = {f"hr@{k}": m[f"hit@{k}"] for k in (5, 10, 20)} | {f"ndcg@{k}": m[f"ndcg@{k}"] for k in (5, 10, 20)}
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--domain", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=50)
+    ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    a = ap.parse_args()
+    print(json.dumps(run_sasrec(a.domain, a.seed, a.epochs, a.venv), indent=2))
