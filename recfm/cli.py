@@ -255,9 +255,9 @@ def eval_(
 def quickstart(
     workdir: Path = typer.Option(Path("runs/quickstart"), help="where the domain, tokenizers and runs go"),
     seed: int = typer.Option(0, help="seed for data generation and training"),
-    pretrain_steps: int = typer.Option(150, help="pretraining steps"),
-    tune_steps: int = typer.Option(300, help="instruction-tuning steps"),
-    eval_users: int = typer.Option(200, help="test users to evaluate"),
+    pretrain_steps: int = typer.Option(250, help="pretraining steps"),
+    tune_steps: int = typer.Option(150, help="instruction-tuning steps"),
+    eval_users: int = typer.Option(100, help="test users to evaluate"),
     preset: str = typer.Option("small", help="model size"),
 ):
     """The whole pipeline on the built-in default domain: data, tokenizers, pretraining, instruction
@@ -285,7 +285,7 @@ def quickstart(
         tokenize_domain(domain_dir, tok_dir, vocab_size=2048, vq_steps=800, vq_codebook=256, vq_channels=32,
                         vq_batch_size=32, seed=seed)
     common = dict(domain=str(domain_dir), preset=preset, seed=seed, batch_size=8, logging_steps=10, save_steps=100,
-                  max_history=12, max_tokens=512)
+                  max_history=10, max_tokens=512, n_candidates=5)
     console.rule("3/5  multimodal pretraining")
     train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(pre_dir), max_steps=pretrain_steps, lr=2e-3, **common))
     console.rule("4/5  multitask instruction tuning")
