@@ -159,3 +159,62 @@ def test_eval_reports_every_task_with_baselines(tuned_run, small_default, tmp_pa
     assert b["oracle"]["ndcg@10"] >= b["text_only_oracle"]["ndcg@10"] - 0.05
     out = save_report(report, tmp_path / "ev")
     assert (out / "eval.png").stat().st_size > 1000 and json.loads((out / "eval.json").read_text())["users"] == 12
+
+
+def test_lora_finetune_on_a_new_domain_through_the_generic_importer(small_default, tok_dir, tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    from recfm.data.generic import prepare_generic
+    from recfm.data.synthetic import draw_random_images
+    from recfm.foundation import RecFMForCausalLM
+    from recfm.tokenizers.build import Tokenizers
+
+    base = train(TrainConfig(stage="tune", domain=str(small_default.path), tokenizers=str(tok_dir), item_mode="content",
+                             output=str(tmp_path / "base"), max_steps=4, tasks={"next_item": 1.0}, **TINY), progress=False)
+    # a shop with 12 new items (ids unlike the old catalogue's), images, and 10 users
+    src = tmp_path / "shop"
+    (src / "images").mkdir(parents=True)
+    for k, im in enumerate(draw_random_images(12, 32, seed=9)):
+        im.save(src / "images" / f"p{k}.png")
+    (src / "items.csv").write_text("sku,name,blurb,pic\n" + "".join(f"sku{k},Thing {k},A new thing,p{k}.png\n" for k in range(12)))
+    rows = ["uid,sku,when"] + [f"u{u},sku{(u + t) % 12},{100 * u + t}" for u in range(10) for t in range(6)]
+    (src / "interactions.csv").write_text("\n".join(rows) + "\n")
+    from recfm.data.generic import Columns
+
+    shop = prepare_generic(tmp_path / "shop-domain", input_dir=src, columns=Columns(user="uid", item="sku", timestamp="when",
+                           item_id="sku", title="name", text="blurb", image="pic"), progress=False)
+    run = train(TrainConfig(stage="finetune", domain=str(shop.path), init_from=str(base), output=str(tmp_path / "ft"),
+                            max_steps=4, tasks={"next_item": 1.0}, **TINY), progress=False)
+    info = json.loads((run / "run.json").read_text())
+    assert info["stage"] == "finetune" and info["steps"] == 4
+    model = RecFMForCausalLM.from_pretrained(run)
+    assert model.config.n_items == 12
+    with safe_open(run / "model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if "lora_" in k]  # adapters merged into the saved weights
+    tok = Tokenizers(run)
+    assert sorted(tok.items.item_ids) == sorted(f"sku{k}" for k in range(12))
+    # the fine-tuned model ranks the new catalogue
+    from recfm.instructions.chat import render
+    from recfm.training.collate import Collator, ItemImages, render_context
+
+    collator = Collator(render_context(tok, shop, model.config), ItemImages(shop, 32), model.config)
+    msgs = [{"role": "user", "content": [{"type": "item", "item_id": "sku1", "view": "history"},
+                                         {"type": "text", "text": " next?"}]}]
+    b = collator.batch([render(msgs, collator.ctx, add_generation_prompt=True)])
+    scores = model.score_items(b["input_ids"], b["attention_mask"], b.get("pixel_values"), b.get("content_item_ids"),
+                               exclude=[[tok.items.index("sku1")]])
+    assert scores.shape == (1, 12) and torch.isinf(scores[0, tok.items.index("sku1")])
+    assert torch.isfinite(scores).sum() == 11
+
+
+def test_finetuning_atomic_ids_on_a_new_domain_is_a_clear_error(tuned_run, tmp_path):
+    from recfm.data.generic import prepare_generic
+
+    src = tmp_path / "s"
+    src.mkdir()
+    (src / "interactions.csv").write_text("user_id,item_id,timestamp\nu1,a,1\nu1,b,2\nu1,c,3\n")
+    shop = prepare_generic(tmp_path / "d", input_dir=src, progress=False)
+    with pytest.raises(ValueError, match="cannot name a new domain's items"):
+        train(TrainConfig(stage="finetune", domain=str(shop.path), init_from=str(tuned_run), output=str(tmp_path / "x"),
+                          max_steps=2, **TINY), progress=False)

@@ -196,6 +196,23 @@ class RecFMModel(RecFMPreTrainedModel):
 
     # --- content items --------------------------------------------------------------------------
 
+    def resize_catalogue(self, n_items: int) -> None:
+        """Content mode, a new domain: room for n_items items. The item encoder is kept (it reads
+        content, so it carries over); the per-item ID residuals start again at zero."""
+        if self.item_encoder is None:
+            raise ValueError("resize_catalogue is for content item mode")
+        length = self.catalogue_text_ids.shape[1]
+        s = self.catalogue_pixels.shape[-1]
+        device = self.catalogue_text_ids.device
+        self.catalogue_text_ids = torch.full((n_items, length), -1, dtype=torch.long, device=device)
+        self.catalogue_pixels = torch.zeros(n_items, 3, s, s, dtype=torch.uint8, device=device)
+        self.catalogue_has_image = torch.zeros(n_items, dtype=torch.bool, device=device)
+        if self.item_encoder.id_residual is not None:
+            d = self.item_encoder.id_residual.embedding_dim
+            self.item_encoder.id_residual = nn.Embedding(n_items, d, device=device)
+            nn.init.zeros_(self.item_encoder.id_residual.weight)
+        self.config.n_items = n_items
+
     def set_catalogue(self, text_ids: torch.Tensor, pixels: torch.Tensor | None, has_image: torch.Tensor) -> None:
         """Content mode: every item's text token ids (n, L, -1 padded), uint8 pixels and image flag."""
         if self.item_encoder is None:

@@ -175,6 +175,27 @@ class Tokenizers:
                 self.text.add_tokens(self.vq.token_strings(), special_tokens=True)
             self.image_codes = json.loads((folder / "image_codes.json").read_text())
 
+    def for_domain(self, domain, train_split) -> Tokenizers:
+        """Re-point these tokenizers at a new domain (fine-tuning): a new item index from its training
+        split, and its images' VQ codes. Only content ids carry over without new vocabulary; atomic and
+        semantic ids name the old catalogue's items."""
+        from ..data import ItemIndex
+        from .items import ContentItemTokenizer
+
+        if self.item_mode != "content":
+            raise ValueError(f"a tuned model with {self.item_mode} item ids cannot name a new domain's items without "
+                             "new vocabulary; fine-tune a content-mode model (item_mode: content) on new domains")
+        self.index = ItemIndex.from_training(train_split, domain.item_ids)
+        self.items = ContentItemTokenizer(self.index.item_ids).bind(self.text)
+        self.image_codes = {}
+        if self.vq is not None:
+            with_image = [(iid, domain.image(iid)) for iid in self.index.item_ids if domain.image_path(iid) is not None]
+            for start in range(0, len(with_image), 256):
+                batch = with_image[start : start + 256]
+                codes = self.vq.encode([im for _, im in batch])
+                self.image_codes.update({iid: c.tolist() for (iid, _), c in zip(batch, codes)})
+        return self
+
     @property
     def image_code_offset(self) -> int | None:
         return self.text.convert_tokens_to_ids("<img_0>") if self.vq is not None else None

@@ -121,7 +121,7 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
 def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None) -> Path:
     """Run one stage; returns the run folder (loadable with from_pretrained). `callbacks` are
     transformers TrainerCallbacks (metrics, early stopping, checks)."""
-    from ..data import leave_one_out, load_domain
+    from ..data import ItemIndex, leave_one_out, load_domain
     from ..foundation import RecFMForCausalLM
     from ..foundation.build import build_model
     from ..tokenizers.build import Tokenizers
@@ -142,6 +142,9 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
         model = RecFMForCausalLM.from_pretrained(cfg.init_from)
         for k, v in losses.items():
             setattr(model.config, k, v)
+        if cfg.stage == "finetune" and tokenizers.index.item_ids != ItemIndex.from_training(split.train, domain.item_ids).item_ids:
+            tokenizers.for_domain(domain, split.train)  # a new domain: its items enter through content ids
+            model.model.resize_catalogue(len(tokenizers.items))
     else:
         tokenizers = Tokenizers(cfg.tokenizers, cfg.item_mode)
         model = build_model(cfg.preset, tokenizers, fusion=cfg.fusion, vision=cfg.vision, image_tokens=cfg.image_tokens,
@@ -159,8 +162,10 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     if cfg.stage == "finetune":
         from peft import LoraConfig, get_peft_model
 
+        # adapters on the language model's projections only (the vision tower has q/k/v_proj too)
+        targets = rf"model\.language_model\..*\.({'|'.join(cfg.lora_targets)})"
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                 target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     steps_per_epoch = math.ceil(len(examples) / (cfg.batch_size * cfg.grad_accum))
