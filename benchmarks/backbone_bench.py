@@ -61,7 +61,8 @@ def prepare(work: Path, args) -> dict:
     from recfm.data.synthetic import SyntheticConfig, prepare_default
     from recfm.instructions import Item, RenderContext, build_training_examples, render
     from recfm.instructions.chat import IGNORE
-    from recfm.tokenizers.build import Tokenizers, tokenize_domain
+    from recfm.tokenizers.build import tokenize_domain
+    from recfm.tokenizers.bundle import Tokenizers
 
     t0 = time.perf_counter()
     domain = prepare_default(work / "domain", SyntheticConfig(seed=args.seed), progress=False)
@@ -116,7 +117,7 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from recfm.foundation.build import build_model
-    from recfm.tokenizers.build import Tokenizers
+    from recfm.tokenizers.bundle import Tokenizers
 
     work = Path(args.work)
     toks = Tokenizers(work / "tokenizers", "atomic")

@@ -66,7 +66,7 @@ def image_sets(args) -> list[dict]:
     (A `--domain DIR` option would add the domain's item images here.)"""
     sets = []
     if args.synthetic:
-        sets.append({"name": f"synthetic shapes (seed {args.seed})", "unreadable": 0,
+        sets.append({"name": f"default-domain pictures (seed {args.seed})", "unreadable": 0,
                      "images": draw_shapes(args.synthetic, args.image_size, args.seed)})
     for folder in args.images:
         images, bad = load_folder(Path(folder), args.image_size, args.limit)

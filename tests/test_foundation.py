@@ -23,7 +23,8 @@ from recfm.foundation.configuration import PRESETS
 from recfm.foundation.generation import beam_items, generate_image_codes, generate_images
 from recfm.instructions import Item, RenderContext, build_training_examples, render
 from recfm.instructions.chat import IGNORE
-from recfm.tokenizers.build import Tokenizers, tokenize_domain
+from recfm.tokenizers.build import tokenize_domain
+from recfm.tokenizers.bundle import Tokenizers
 
 FUSIONS = ("early", "cross_attention")
 ITEM_MODES = ("atomic", "semantic", "content")

@@ -168,7 +168,7 @@ def test_lora_finetune_on_a_new_domain_through_the_generic_importer(small_defaul
     from recfm.data.generic import prepare_generic
     from recfm.data.synthetic import draw_random_images
     from recfm.foundation import RecFMForCausalLM
-    from recfm.tokenizers.build import Tokenizers
+    from recfm.tokenizers.bundle import Tokenizers
 
     base = train(TrainConfig(stage="tune", domain=str(small_default.path), tokenizers=str(tok_dir), item_mode="content",
                              output=str(tmp_path / "base"), max_steps=4, tasks={"next_item": 1.0}, **TINY), progress=False)

@@ -29,7 +29,7 @@ class LoadedRun:
 
     def __init__(self, run_dir: str | Path, domain, max_tokens: int = 1024, dtype: torch.dtype | None = None):
         from ..foundation import RecFMForCausalLM
-        from ..tokenizers.build import Tokenizers
+        from ..tokenizers.bundle import Tokenizers
         from ..training.collate import Collator, ItemImages, render_context
 
         self.run_dir = Path(run_dir)

@@ -14,7 +14,7 @@ def build_model(preset: str = "tiny", tokenizers=None, *, fusion: str = "early",
                 image_size: int | None = None, text_path: str | Path | None = None,
                 vision_path: str | Path | None = None, dtype: torch.dtype | None = None, **overrides) -> RecFMForCausalLM:
     """A model sized by `preset` whose vocabulary and special ids come from `tokenizers`
-    (recfm.tokenizers.build.Tokenizers). With `text_path`, the language model is that local
+    (recfm.tokenizers.bundle.Tokenizers). With `text_path`, the language model is that local
     checkpoint (its vocabulary extended by recfm's tokens); with `vision_path`, the vision tower too."""
     tok = tokenizers.text if tokenizers is not None else None
     items = tokenizers.items if tokenizers is not None else None

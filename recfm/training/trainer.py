@@ -124,7 +124,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     from ..data import ItemIndex, leave_one_out, load_domain
     from ..foundation import RecFMForCausalLM
     from ..foundation.build import build_model
-    from ..tokenizers.build import Tokenizers
+    from ..tokenizers.bundle import Tokenizers
     from .collate import Collator, ItemImages, content_catalogue, render_context
 
     cfg.validate()
