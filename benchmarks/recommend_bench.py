@@ -39,6 +39,13 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
 
     common = dict(domain=str(domain_dir), preset=args.preset, seed=seed, batch_size=8, logging_steps=20,
                   save_steps=10_000, max_history=args.max_history, max_tokens=1024, **VARIANTS[variant])
+    final = work / f"{variant}-s{seed}"
+    if args.reuse and (final / "run.json").exists():  # evaluate a run this script trained before
+        info = json.loads((final / "run.json").read_text())
+        pre_info = json.loads((work / f"{variant}-s{seed}-pre" / "run.json").read_text())
+        report = evaluate(final, domain_dir, tasks=["next_item"], seed=seed, progress=False)
+        return {"seen": report["tasks"]["next_item"]["seen"], "held_out": report["tasks"]["next_item"]["held_out"],
+                "train_s": info["train_runtime_s"] + pre_info["train_runtime_s"], "baselines": report["baselines"]}
     t0 = time.perf_counter()
     pre = train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(work / f"{variant}-s{seed}-pre"),
                             max_steps=args.pretrain_steps, lr=2e-3, **common), progress=False)
@@ -64,6 +71,7 @@ def main():
     ap.add_argument("--vq-steps", type=int, default=800)
     ap.add_argument("--sasrec-epochs", type=int, default=50)
     ap.add_argument("--no-sasrec", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="evaluate runs already trained under --work instead of training")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "recfm" / "bench")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
