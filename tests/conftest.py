@@ -1,4 +1,5 @@
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,3 +23,29 @@ def small_default(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("default") / "domain"
     return prepare_default(out, SyntheticConfig(seed=3, n_items=80, n_users=120, max_length=20), progress=False)
+
+
+@contextmanager
+def torch_threads(n: int):
+    """The machine is shared: torch threads spinning for a core another process holds make small
+    models 10-50x slower; one thread is faster there. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    with torch_threads(1):
+        yield

@@ -33,13 +33,7 @@ ITEM_MODES = ("atomic", "semantic", "content")
 # --- fixtures and helpers ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The machine is shared: one torch thread is faster than two fighting for one core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @dataclass

@@ -209,16 +209,6 @@ def test_binding_to_a_real_tokenizer(mode):
         assert items.decode(encoded[3 : 3 + len(ids)]) == item
 
 
-@pytest.fixture
-def one_thread():
-    """A 32-wide model gains nothing from threads, and on a busy machine their spinning makes
-    generate 10-50x slower; restore the setting so other tests are unaffected."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("mode", ["atomic", "semantic"])
 def test_constrained_beam_search_with_generate(mode, one_thread):
     items, hf = bound(mode)

@@ -73,16 +73,6 @@ def test_logits_processor_masks_each_row():
     assert [fn(0, row) for row in input_ids] == finite
 
 
-@pytest.fixture
-def one_thread():
-    """A 32-wide model gains nothing from threads, and on a busy machine their spinning makes
-    generate 10-50x slower; restore the setting so other tests are unaffected."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny_llama(vocab: int, eos: int, pad: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(

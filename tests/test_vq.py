@@ -16,14 +16,7 @@ def draw_shapes(n: int, size: int = 32, seed: int = 0) -> list[Image.Image]:
     return draw_random_images(n, size, seed)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a CPU shared with other jobs, two OpenMP threads fighting for one free core made training
-    # 6x slower than one thread; one thread keeps this file's run time predictable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
