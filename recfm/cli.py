@@ -202,22 +202,21 @@ _STEPS = typer.Option(None, help="stop after this many optimizer steps")
 _SET = typer.Option([], "--set", help="any config field: --set lr=3e-4 (repeatable)")
 
 
-@app.command()
-def pretrain(config: Optional[Path] = _CONFIG, domain: Optional[Path] = _DOMAIN, tokenizers: Optional[Path] = _TOK,
-             output: Optional[Path] = _OUT, init_from: Optional[Path] = _INIT, preset: Optional[str] = _PRESET,
-             fusion: Optional[str] = _FUSION, item_mode: Optional[str] = _ITEMS, max_steps: Optional[int] = _STEPS,
-             set_: list[str] = _SET):
-    """Multimodal pretraining on serialized histories (next item over item spans, image-text alignment)."""
-    _train_command("pretrain", config, domain, tokenizers, output, init_from, preset, fusion, item_mode, max_steps, set_)
+def _register_stage(stage: str, doc: str) -> None:
+    """pretrain and tune take the same options; one definition registers both."""
+
+    def command(config: Optional[Path] = _CONFIG, domain: Optional[Path] = _DOMAIN, tokenizers: Optional[Path] = _TOK,
+                output: Optional[Path] = _OUT, init_from: Optional[Path] = _INIT, preset: Optional[str] = _PRESET,
+                fusion: Optional[str] = _FUSION, item_mode: Optional[str] = _ITEMS, max_steps: Optional[int] = _STEPS,
+                set_: list[str] = _SET):
+        _train_command(stage, config, domain, tokenizers, output, init_from, preset, fusion, item_mode, max_steps, set_)
+
+    command.__doc__ = doc
+    app.command(stage)(command)
 
 
-@app.command()
-def tune(config: Optional[Path] = _CONFIG, domain: Optional[Path] = _DOMAIN, tokenizers: Optional[Path] = _TOK,
-         output: Optional[Path] = _OUT, init_from: Optional[Path] = _INIT, preset: Optional[str] = _PRESET,
-         fusion: Optional[str] = _FUSION, item_mode: Optional[str] = _ITEMS, max_steps: Optional[int] = _STEPS,
-         set_: list[str] = _SET):
-    """Multitask instruction tuning over all five task families."""
-    _train_command("tune", config, domain, tokenizers, output, init_from, preset, fusion, item_mode, max_steps, set_)
+_register_stage("pretrain", "Multimodal pretraining on serialized histories (next item over item spans, image-text alignment).")
+_register_stage("tune", "Multitask instruction tuning over all five task families.")
 
 
 @app.command()

@@ -20,7 +20,6 @@ def _jpg(path, colour=(200, 10, 10)):
 def write_ml100k(root, extra_data=""):
     ml = root / "movielens-100k"
     ml.mkdir(parents=True)
-    genres = ["0"] * 19
     g = lambda *k: "|".join("1" if i in k else "0" for i in range(19))
     (ml / "u.item").write_text(
         f"1|Toy Story (1995)|01-Jan-1995||http://x|{g(3, 4, 5)}\n"

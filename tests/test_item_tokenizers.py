@@ -10,7 +10,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList, Pre
 
 from recfm.tokenizers.items import (
     AtomicItemTokenizer,
-    ContentItemTokenizer,
     ItemTokenizer,
     SemanticItemTokenizer,
     build_item_tokenizer,

@@ -8,7 +8,6 @@ kept as uint8), and lists the content-mode item of every <item> placeholder in r
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -108,7 +107,3 @@ def content_catalogue(model, tokenizers, domain, images: ItemImages | None) -> N
             pixels[k] = images(iid)
             has_image[k] = True
     model.model.set_catalogue(text_ids, pixels, has_image)
-
-
-def save_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
