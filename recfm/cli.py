@@ -297,6 +297,151 @@ def quickstart(
     console.print(f"\n[bold]done in {minutes:.1f} min.[/] The run folder {run_dir} loads with "
                   "RecFMForCausalLM.from_pretrained (import recfm.foundation first).")
     console.print(f"evaluate again:  recfm eval {run_dir} --data {domain_dir}")
+    console.print(f"chat with it:    recfm chat {run_dir}")
+    console.print(f"serve it:        recfm serve {run_dir} --port 8000   (OpenAI-compatible: /v1/chat/completions)")
+
+
+def _engine_config(block_size: int, kv_cache_mb: int, max_num_seqs: int, max_batched_tokens: int, max_model_len: Optional[int],
+                   prefix_caching: bool = True, chunked_prefill: bool = True):
+    from recfm.serving.engine import EngineConfig
+
+    return EngineConfig(block_size=block_size, kv_cache_bytes=kv_cache_mb * 2**20, max_num_seqs=max_num_seqs,
+                        max_num_batched_tokens=max_batched_tokens, max_model_len=max_model_len,
+                        prefix_caching=prefix_caching, chunked_prefill=chunked_prefill)
+
+
+def _load_service(run: Path, data: Optional[Path], dtype: str, engine_config, model_id: Optional[str] = None,
+                  allowed_image_dirs: Optional[list[Path]] = None):
+    import torch
+
+    from recfm.serving.service import Service
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        _fail(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    try:
+        return Service(run, data, engine_config, dtype=dtypes[dtype], model_id=model_id,
+                       allowed_image_dirs=allowed_image_dirs or [])
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
+_BLOCK = typer.Option(16, help="KV-cache block size in tokens")
+_KV_MB = typer.Option(512, help="KV-cache size in MiB (preallocated)")
+_SEQS = typer.Option(64, help="most sequences in one step")
+_TOKENS = typer.Option(512, help="token budget of one step (chunked prefill splits longer prompts)")
+_MAXLEN = typer.Option(None, help="context length (default: the model's)")
+_DTYPE = typer.Option("float32", help="float32 or bfloat16 weights and KV cache")
+_DATA = typer.Option(None, "--data", help="the domain whose items the model talks about (default: the run's)")
+
+
+@app.command()
+def serve(
+    run: Path = typer.Argument(..., help="a run folder"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    data: Optional[Path] = _DATA,
+    api_key: Optional[str] = typer.Option(None, envvar="RECFM_API_KEY", help="require 'Authorization: Bearer KEY'"),
+    model_id: Optional[str] = typer.Option(None, help="the model name clients send (default: the run folder's name)"),
+    dtype: str = _DTYPE,
+    block_size: int = _BLOCK,
+    kv_cache_mb: int = _KV_MB,
+    max_num_seqs: int = _SEQS,
+    max_batched_tokens: int = _TOKENS,
+    max_model_len: Optional[int] = _MAXLEN,
+    max_waiting: int = typer.Option(256, help="requests allowed to wait; more get 429"),
+    no_prefix_caching: bool = typer.Option(False, help="turn prefix caching off"),
+    allowed_image_dir: Optional[list[Path]] = typer.Option(None, help="a folder image_url parts may name files in (repeatable)"),
+):
+    """Serve a run over HTTP: OpenAI-compatible chat/completions, recommendations, image generation."""
+    import time
+
+    import uvicorn
+
+    from recfm.serving.api import build_app
+
+    t0 = time.perf_counter()
+    cfg = _engine_config(block_size, kv_cache_mb, max_num_seqs, max_batched_tokens, max_model_len, not no_prefix_caching)
+    service = _load_service(run, data, dtype, cfg, model_id, allowed_image_dir)
+    app_ = build_app(service, api_key=api_key, max_waiting=max_waiting)
+    eng = service.engine
+    console.print(f"serving [bold]{service.model_id}[/] ({service.model.config.item_mode} ids, {len(service.catalogue)} items) "
+                  f"on http://{host}:{port}  ·  KV cache {eng.blocks.num_blocks} blocks x {eng.blocks.block_size} tokens "
+                  f"({eng.runner.cache.nbytes / 2**20:.0f} MiB)  ·  loaded in {time.perf_counter() - t0:.1f} s", highlight=False)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def chat(
+    run: Path = typer.Argument(..., help="a run folder"),
+    data: Optional[Path] = _DATA,
+    max_tokens: int = typer.Option(128, help="longest answer"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    dtype: str = _DTYPE,
+):
+    """Chat with a run in the terminal. Lines starting with /item ID or /image PATH attach an item or
+    an image to your next message; /reset starts over; /quit (or end of input) leaves."""
+    import sys
+
+    from recfm.serving.sequence import ParamError, SamplingParams
+    from recfm.serving.service import BadInput
+
+    service = _load_service(run, data, dtype, _engine_config(16, 64, 4, 512, None), allowed_image_dirs=[Path("/")])
+    eng = service.engine
+    console.print(f"chatting with [bold]{service.model_id}[/]: {len(service.catalogue)} items. "
+                  "/item ID, /image PATH, /reset, /quit", highlight=False)
+    history: list[dict] = []
+    parts: list[dict] = []
+    images: dict = {}
+    turn = 0
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            history, parts, images = [], [], {}
+            console.print("(new conversation)")
+            continue
+        try:
+            if line.startswith("/item "):
+                item_id = line.split(maxsplit=1)[1]
+                service.check_item(item_id, "/item")
+                parts.append({"type": "item", "item_id": item_id, "view": "full"})
+                console.print(f"(attached item {item_id}: {service.catalogue[item_id].title})", highlight=False)
+                continue
+            if line.startswith("/image "):
+                key, px = service.image_pixels(line.split(maxsplit=1)[1], "/image")
+                images[key] = px
+                parts.append({"type": "image", "image": key})
+                console.print("(attached image)")
+                continue
+            history.append({"role": "user", "content": [*parts, {"type": "text", "text": line}]})
+            parts = []
+            prompt, _ = service.prompt(history, images)
+            params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        except (BadInput, ParamError) as e:
+            err_console.print(f"[red]{escape(str(e))}[/]")
+            if history and history[-1]["role"] == "user" and not parts:
+                history.pop()
+            continue
+        turn += 1
+        eng.add_request(f"chat-{turn}", prompt, params)
+        console.print("recfm> ", end="")
+        answer = ""
+        while eng.has_unfinished():
+            for out in eng.step():
+                for o in out.outputs:
+                    answer += o.text
+                    console.print(o.text, end="", highlight=False, markup=False)
+        console.print()
+        history.append({"role": "assistant", "content": answer})
 
 
 if __name__ == "__main__":

@@ -25,6 +25,16 @@ def small_default(tmp_path_factory):
     return prepare_default(out, SyntheticConfig(seed=3, n_items=80, n_users=120, max_length=20), progress=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_tokenizers(small_default, tmp_path_factory):
+    """Every tokenizer of the small default domain (text BPE, item ids, a briefly trained VQ), once."""
+    from recfm.tokenizers.build import tokenize_domain
+
+    out = tmp_path_factory.mktemp("tokenizers") / "tok"
+    tokenize_domain(small_default.path, out, vocab_size=500, vq_steps=20, vq_codebook=64, progress=False)
+    return out
+
+
 @contextmanager
 def torch_threads(n: int):
     """The machine is shared: torch threads spinning for a core another process holds make small

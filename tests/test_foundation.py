@@ -23,7 +23,6 @@ from recfm.foundation.configuration import PRESETS
 from recfm.foundation.generation import beam_items, generate_image_codes, generate_images
 from recfm.instructions import Item, RenderContext, build_training_examples, render
 from recfm.instructions.chat import IGNORE
-from recfm.tokenizers.build import tokenize_domain
 from recfm.tokenizers.bundle import Tokenizers
 
 FUSIONS = ("early", "cross_attention")
@@ -72,9 +71,8 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(small_default, tmp_path_factory) -> World:
-    folder = tmp_path_factory.mktemp("foundation") / "tokenizers"
-    tokenize_domain(small_default.path, folder, vocab_size=500, vq_steps=20, vq_codebook=64, progress=False)
+def world(small_default, tiny_tokenizers) -> World:
+    folder = tiny_tokenizers
     split = leave_one_out(small_default)
     examples = build_training_examples(small_default, split, per_user=1, seed=0)
     return World(small_default, folder, examples)

@@ -16,12 +16,8 @@ TINY = dict(preset="tiny", batch_size=4, logging_steps=2, max_history=6, max_tok
 
 
 @pytest.fixture(scope="module")
-def tok_dir(small_default, tmp_path_factory):
-    from recfm.tokenizers.build import tokenize_domain
-
-    out = tmp_path_factory.mktemp("tok")
-    tokenize_domain(small_default.path, out, vocab_size=500, vq_steps=20, vq_codebook=64, progress=False)
-    return out
+def tok_dir(tiny_tokenizers):
+    return tiny_tokenizers
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,457 @@
+"""The HTTP API (FastAPI): OpenAI-compatible routes and recommendation-native ones. It only
+translates HTTP to engine requests and engine outputs to HTTP; prompts are built by `Service`.
+
+Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`, 400 for anything wrong
+with a request, 401 without the API key (when the server has one), 404 for an unknown model, 429
+when the queue is full, 503 when the engine is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from .async_engine import AsyncEngine, EngineDead, QueueFull
+from .engine import RequestOutput
+from .metrics import EngineMetrics
+from .protocol import ChatRequest, CompletionRequest, ImageRequest, Message, RecommendationRequest
+from .sequence import ParamError, SamplingParams
+from .service import BadInput, Service
+
+DEFAULT_MAX_TOKENS = 512
+ITEM_VIEWS = ("full", "history", "id", "image")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}},
+                            status_code=self.status)
+
+
+def bad(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code="invalid_request")
+
+
+def build_app(service: Service, api_key: str | None = None, max_waiting: int = 256) -> FastAPI:
+    metrics = EngineMetrics(service.model_id)
+    engine = AsyncEngine(service.engine, max_waiting=max_waiting, metrics=metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="recfm", version="0.1.0", lifespan=lifespan)
+    app.state.engine, app.state.service = engine, service
+    created = int(time.time())
+    tok = service.tok.text
+
+    # --- errors and auth ------------------------------------------------------------------------
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {}
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        return bad(f"{loc or 'body'}: {err.get('msg', 'invalid request')}", loc or None).response()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            if header != f"Bearer {api_key}":
+                return APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                                "authentication_error", code="invalid_api_key").response()
+        return await call_next(request)
+
+    def check_model(name: str | None) -> None:
+        if name and name != service.model_id:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {service.model_id!r}",
+                           "not_found_error", "model", "model_not_found")
+
+    # --- plain routes ---------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "dead"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": service.model_id, "object": "model", "created": created,
+                                            "owned_by": "recfm", "root": service.model_id, "parent": None,
+                                            "max_model_len": service.engine.max_model_len}]}
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def convert(messages: list[Message]) -> tuple[list[dict], dict, list[str]]:
+        out, images, mentioned = [], {}, []
+        for k, m in enumerate(messages):
+            role = "system" if m.role == "developer" else m.role
+            content = m.content if m.content is not None else ""
+            if isinstance(content, str):
+                out.append({"role": role, "content": content})
+                continue
+            parts = []
+            for j, p in enumerate(content):
+                where = f"messages[{k}].content[{j}]"
+                kind = p.get("type")
+                if kind == "text":
+                    if not isinstance(p.get("text"), str):
+                        raise bad("a text part needs a string 'text'", where)
+                    parts.append({"type": "text", "text": p["text"]})
+                elif kind == "image_url":
+                    spec = p.get("image_url")
+                    url = spec.get("url") if isinstance(spec, dict) else spec
+                    if not isinstance(url, str):
+                        raise bad("an image_url part needs image_url.url", where)
+                    key, px = service.image_pixels(url, where)
+                    images[key] = px
+                    parts.append({"type": "image", "image": key})
+                elif kind == "item":
+                    item_id = p.get("item_id")
+                    if item_id is None:
+                        raise bad("an item part needs 'item_id'", where)
+                    service.check_item(str(item_id), where)
+                    view = p.get("view", "full")
+                    if view not in ITEM_VIEWS:
+                        raise bad(f"item view must be one of {ITEM_VIEWS}, got {view!r}", where)
+                    part = {"type": "item", "item_id": str(item_id), "view": view}
+                    if p.get("rating") is not None:
+                        part["rating"] = p["rating"]
+                    parts.append(part)
+                    mentioned.append(str(item_id))
+                else:
+                    raise bad(f"unknown content part type {kind!r}; use text, image_url or item", where)
+            out.append({"role": role, "content": parts})
+        return out, images, mentioned
+
+    def sampling(body, prompt_len: int, logprobs: int | None) -> SamplingParams:
+        room = service.engine.max_model_len - prompt_len
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or min(DEFAULT_MAX_TOKENS, room)
+        if max_tokens > room:
+            raise bad(f"max_tokens {max_tokens} + the prompt's {prompt_len} tokens exceed this model's context of "
+                      f"{service.engine.max_model_len} tokens", "max_tokens")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0), seed=body.seed,
+                repetition_penalty=body.repetition_penalty or 1.0, stop=[s for s in stop if s],
+                stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, n=body.n,
+                logprobs=logprobs, skip_special_tokens=body.skip_special_tokens)
+        except ParamError as e:
+            raise bad(str(e), e.param) from None
+
+    async def outputs(rid: str, prompt, params) -> AsyncIterator[RequestOutput]:
+        try:
+            async for out in engine.generate(rid, prompt, params):
+                yield out
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy: {e}; retry later", "rate_limit_error", code="queue_full") from None
+        except EngineDead as e:
+            raise APIError(503, str(e), "server_error", code="engine_dead") from None
+        except ParamError as e:
+            raise bad(str(e), e.param) from None
+
+    def token_text(t: int) -> str:
+        return tok.decode([t])
+
+    def chat_logprobs(lps) -> dict:
+        return {"content": [{"token": token_text(s.token), "logprob": s.logprob,
+                             "bytes": list(token_text(s.token).encode()),
+                             "top_logprobs": [{"token": token_text(t), "logprob": v, "bytes": list(token_text(t).encode())}
+                                              for t, v in (s.top or [])]} for s in lps]}
+
+    def usage(prompt_tokens: int, completion: int, cached: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    async def first(gen: AsyncIterator):
+        """Pull the first output before answering, so a request refused by the engine gets a status
+        code instead of a stream that breaks."""
+        try:
+            return await gen.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    # --- chat -----------------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        check_model(body.model)
+        try:
+            messages, images, mentioned = convert(body.messages)
+            prompt, _ = service.prompt(messages, images)
+            params = sampling(body, len(prompt.token_ids), (body.top_logprobs or 0) if body.logprobs else None)
+            constrain = body.constrain or ("item" if body.allowed_items is not None or body.exclude_seen else None)
+            if constrain == "item":
+                service.item_params(params, body.allowed_items, mentioned if body.exclude_seen else [])
+            elif constrain == "image":
+                service.image_params(params)
+        except BadInput as e:
+            raise bad(str(e), e.param) from None
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        now = int(time.time())
+        gen = outputs(rid, prompt, params)
+        head = await first(gen)
+
+        def extras(index: int, token_ids: list[int]) -> dict:
+            if constrain != "item":
+                return {}
+            item = service.decode_item(token_ids)
+            return {"items": [{"item_id": item, "title": service.catalogue[item].title if item in service.catalogue else None}]} \
+                if item else {}
+
+        if not body.stream:
+            texts = {i: "" for i in range(params.n)}
+            toks = {i: [] for i in range(params.n)}
+            lps = {i: [] for i in range(params.n)}
+            reasons = {}
+            last = head
+            out = head
+            while out is not None:
+                for o in out.outputs:
+                    texts[o.index] += o.text
+                    toks[o.index] += o.token_ids
+                    lps[o.index] += o.logprobs
+                    if o.finish_reason:
+                        reasons[o.index] = o.finish_reason
+                last = out
+                if out.finished:
+                    break
+                out = await first(gen)
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i], **extras(i, toks[i])},
+                        "logprobs": chat_logprobs(lps[i]) if body.logprobs else None,
+                        "finish_reason": reasons.get(i, "length")} for i in range(params.n)]
+            return {"id": rid, "object": "chat.completion", "created": now, "model": service.model_id, "choices": choices,
+                    "usage": usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def stream():
+            base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": service.model_id}
+            extra = {"usage": None} if include_usage else {}
+            for i in range(params.n):
+                yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}], **extra})
+            out, last = head, head
+            toks = {i: [] for i in range(params.n)}
+            try:
+                while out is not None:
+                    for o in out.outputs:
+                        if not o.token_ids and not o.finish_reason:
+                            continue
+                        toks[o.index] += o.token_ids
+                        delta = {"content": o.text}
+                        if o.finish_reason:
+                            delta.update(extras(o.index, toks[o.index]))
+                        choice = {"index": o.index, "delta": delta, "finish_reason": o.finish_reason,
+                                  "logprobs": chat_logprobs(o.logprobs) if body.logprobs else None}
+                        yield sse({**base, "choices": [choice], **extra})
+                    last = out
+                    if out.finished:
+                        break
+                    out = await first(gen)
+            finally:
+                await gen.aclose()  # a client gone mid-stream: the request is aborted and its blocks freed
+            if include_usage and last is not None:
+                yield sse({**base, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    # --- completions ----------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        from .sequence import Prompt
+
+        check_model(body.model)
+        p = body.prompt
+        batch = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        prompts = []
+        for k, x in enumerate(batch):
+            ids = tok.encode(x) if isinstance(x, str) else list(x)
+            if not ids:
+                raise bad("the prompt is empty", "prompt")
+            vocab = service.model.config.text_config.vocab_size
+            if any(not (isinstance(t, int) and 0 <= t < vocab) for t in ids):
+                raise bad(f"prompt[{k}] holds a token id outside the vocabulary (0..{vocab - 1})", "prompt")
+            if len(ids) >= service.engine.max_model_len:
+                raise bad(f"the prompt has {len(ids)} tokens; this model's context is {service.engine.max_model_len}", "prompt")
+            prompts.append(Prompt(ids))
+        params = [sampling(body, len(pr.token_ids), body.logprobs) for pr in prompts]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        now = int(time.time())
+        n = body.n
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def run(k: int):
+            try:
+                async for out in outputs(f"{rid}-{k}", prompts[k], params[k]):
+                    await merged.put((k, out))
+            except APIError as e:
+                await merged.put((k, e))
+            finally:
+                await merged.put((k, None))
+
+        tasks = [asyncio.create_task(run(k)) for k in range(len(prompts))]
+
+        async def events():
+            done = 0
+            try:
+                while done < len(prompts):
+                    k, out = await merged.get()
+                    if out is None:
+                        done += 1
+                        continue
+                    if isinstance(out, APIError):
+                        raise out
+                    yield k, out
+            finally:
+                for t in tasks:
+                    t.cancel()
+
+        def completion_logprobs(lps, offset0: int) -> dict:
+            toks_, offs, pos = [], [], offset0
+            for s in lps:
+                t = token_text(s.token)
+                toks_.append(t)
+                offs.append(pos)
+                pos += len(t)
+            return {"tokens": toks_, "token_logprobs": [s.logprob for s in lps],
+                    "top_logprobs": [{token_text(t): v for t, v in (s.top or [])} for s in lps], "text_offset": offs}
+
+        gen = events()
+        try:
+            head = await gen.__anext__()
+        except StopAsyncIteration:
+            head = None
+
+        if not body.stream:
+            texts, lps, reasons, totals = {}, {}, {}, {}
+            item = head
+            while item is not None:
+                k, out = item
+                for o in out.outputs:
+                    i = k * n + o.index
+                    texts[i] = texts.get(i, "") + o.text
+                    lps.setdefault(i, []).extend(o.logprobs)
+                    if o.finish_reason:
+                        reasons[i] = o.finish_reason
+                totals[k] = out
+                try:
+                    item = await gen.__anext__()
+                except StopAsyncIteration:
+                    item = None
+            choices = [{"index": i, "text": (batch[i // n] if body.echo and isinstance(batch[i // n], str) else "") + texts.get(i, ""),
+                        "logprobs": completion_logprobs(lps.get(i, []), 0) if body.logprobs is not None else None,
+                        "finish_reason": reasons.get(i, "length")} for i in range(len(prompts) * n)]
+            pt = sum(o.prompt_tokens for o in totals.values())
+            ct = sum(o.completion_tokens for o in totals.values())
+            cached = sum(o.cached_tokens for o in totals.values())
+            return {"id": rid, "object": "text_completion", "created": now, "model": service.model_id, "choices": choices,
+                    "usage": usage(pt, ct, cached)}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def stream():
+            base = {"id": rid, "object": "text_completion", "created": now, "model": service.model_id}
+            extra = {"usage": None} if include_usage else {}
+            totals = {}
+            item = head
+            try:
+                while item is not None:
+                    k, out = item
+                    for o in out.outputs:
+                        if not o.token_ids and not o.finish_reason:
+                            continue
+                        choice = {"index": k * n + o.index, "text": o.text, "finish_reason": o.finish_reason,
+                                  "logprobs": completion_logprobs(o.logprobs, 0) if body.logprobs is not None else None}
+                        yield sse({**base, "choices": [choice], **extra})
+                    totals[k] = out
+                    try:
+                        item = await gen.__anext__()
+                    except StopAsyncIteration:
+                        item = None
+            finally:
+                await gen.aclose()
+            if include_usage:
+                pt = sum(o.prompt_tokens for o in totals.values())
+                ct = sum(o.completion_tokens for o in totals.values())
+                yield sse({**base, "choices": [], "usage": usage(pt, ct, sum(o.cached_tokens for o in totals.values()))})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    # --- recommendation-native ------------------------------------------------------------------
+
+    def history_of(entries) -> list:
+        return [e if isinstance(e, str) else {"item_id": e.item_id, "rating": e.rating} for e in entries]
+
+    @app.post("/v1/recommendations")
+    async def recommendations(body: RecommendationRequest):
+        check_model(body.model)
+        history = history_of(body.history)
+        try:
+            ranked = await engine.call(lambda _: service.recommend(history, body.k, body.exclude_seen, body.allowed_items,
+                                                                   body.template))
+        except BadInput as e:
+            raise bad(str(e), e.param) from None
+        except EngineDead as e:
+            raise APIError(503, str(e), "server_error", code="engine_dead") from None
+        data = [{"rank": r + 1, "item_id": i, "title": service.catalogue[i].title if i in service.catalogue else None,
+                 "score": s} for r, (i, s) in enumerate(ranked)]
+        return {"object": "list", "model": service.model_id, "data": data}
+
+    @app.post("/v1/images/generations")
+    async def images(body: ImageRequest):
+        check_model(body.model)
+        try:
+            messages = service.history_messages(history_of(body.history), "gen-2" if body.prompt else "gen-1", body.prompt)
+            prompt, _ = service.prompt(messages)
+            params = service.image_params(SamplingParams(temperature=body.temperature, top_k=body.top_k or 0, seed=body.seed,
+                                                         n=body.n))
+        except BadInput as e:
+            raise bad(str(e), e.param) from None
+        except ParamError as e:
+            raise bad(str(e), e.param) from None
+        toks = {i: [] for i in range(body.n)}
+        async for out in outputs(f"img-{uuid.uuid4().hex}", prompt, params):
+            for o in out.outputs:
+                toks[o.index] += o.token_ids
+        data = []
+        for i in range(body.n):
+            buf = io.BytesIO()
+            service.decode_image(toks[i]).save(buf, format="PNG")
+            data.append({"b64_json": base64.b64encode(buf.getvalue()).decode()})
+        return {"created": int(time.time()), "model": service.model_id, "data": data}
+
+    return app

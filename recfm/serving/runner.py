@@ -1,0 +1,185 @@
+"""The model runner: one flattened batch of prefill chunks and decode tokens per step, through the
+backbone's own modules.
+
+Input embeddings are the language model's token embeddings with, where a prompt position stands for
+something else, that thing's vector: projected image features at <image> placeholders (early
+fusion), the item encoder's vector at content-mode <item> placeholders. Those vectors are computed
+once per request when it is first scheduled; image features come from an image-embedding cache
+keyed by the image's hash, so a catalogue image is encoded once for all requests. In cross-attention
+mode the decoder's gated cross-attention blocks get each token's image index, as in a full forward
+pass. Attention is the paged implementation in `attention.py`, called by the decoder's attention
+modules through transformers' attention interface: the same weights, the same code path as training.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..foundation.modeling import token_image_index
+from . import attention
+from .kv_cache import KVCache
+from .sequence import Request, Sequence
+
+
+@dataclass
+class RequestEmbeds:
+    positions: torch.Tensor  # (M,) prompt positions whose input vector is replaced, sorted
+    vectors: torch.Tensor  # (M, d)
+    feats: torch.Tensor | None = None  # cross-attention: (n_img, image_tokens, d)
+    token_image: torch.Tensor | None = None  # cross-attention: (prompt_len,) image index or -1
+
+
+class ModelRunner:
+    def __init__(self, model, num_blocks: int, block_size: int, image_cache_size: int = 4096):
+        self.model = model
+        self.cfg = model.config
+        tc = self.cfg.text_config
+        self.lm = model.model.language_model
+        self.lm.config._attn_implementation = attention.register()
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        dtype = next(self.lm.parameters()).dtype
+        device = next(self.lm.parameters()).device
+        self.device = device
+        self.cache = KVCache(tc.num_hidden_layers, num_blocks, block_size, tc.num_key_value_heads, head_dim, dtype, device)
+        self.block_size = block_size
+        self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.image_cache_size = image_cache_size
+        self.image_hits = self.image_misses = 0
+
+    # --- per request ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prepare(self, req: Request) -> None:
+        """Vectors for a request's image and item placeholders (once, on first schedule)."""
+        if req.embeds is not None:
+            return
+        cfg, prompt = self.cfg, req.prompt
+        d = cfg.text_config.hidden_size
+        dtype = next(self.lm.parameters()).dtype
+        positions, vectors = [], []
+        feats = self.image_features(prompt.images) if prompt.images else None
+        if feats is not None and cfg.fusion == "early":
+            for (start, _, _), f in zip(prompt.images, feats):
+                positions += range(start, start + len(f))
+                vectors.append(f)
+        if prompt.content:
+            model = self.model.model
+            idx = torch.tensor([i for _, i in prompt.content], device=self.device)
+            positions += [p for p, _ in prompt.content]
+            vectors.append(model.item_embeddings(idx).to(dtype))
+        emb = RequestEmbeds(torch.empty(0, dtype=torch.long), torch.empty(0, d, dtype=dtype))
+        if positions:
+            pos = torch.tensor(positions, dtype=torch.long)
+            order = torch.argsort(pos)
+            emb = RequestEmbeds(pos[order], torch.cat(vectors).to(dtype)[order.to(self.device)])
+        if feats is not None and cfg.fusion == "cross_attention":
+            emb.feats = feats
+            emb.token_image = token_image_index(torch.tensor([prompt.token_ids]), cfg)[0]
+        req.embeds = emb
+
+    def image_features(self, images) -> torch.Tensor:
+        """(n, image_tokens, d) projected features, from the cache where the key is known."""
+        model = self.model.model
+        missing = [(k, px) for _, k, px in images if k not in self.image_cache]
+        self.image_hits += len(images) - len(missing)
+        self.image_misses += len(missing)
+        if missing:
+            unknown = [k for k, px in missing if px is None]
+            if unknown:
+                raise KeyError(f"image {unknown[0]} is neither cached nor given")
+            pixels = torch.stack([px for _, px in missing]).to(self.device)
+            feats = model.encode_images(model.normalize_pixels(pixels))
+            for (k, _), f in zip(missing, feats):
+                self.image_cache[k] = f
+        out = []
+        for _, k, _ in images:
+            self.image_cache.move_to_end(k)
+            out.append(self.image_cache[k])
+        while len(self.image_cache) > self.image_cache_size:
+            self.image_cache.popitem(last=False)
+        return torch.stack(out).to(next(self.lm.parameters()).dtype)
+
+    # --- one step -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def execute(self, chunks: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """Run the scheduled chunks; return the sequences that reached their last token (to be sampled)
+        and their next-token logits (len, vocab)."""
+        bs = self.block_size
+        ids, pos, slots = [], [], []
+        decode_rows, decode_ctx, prefills, sample_rows, sample_seqs = [], [], [], [], []
+        overrides = []  # (row offset, request, first position, n)
+        xattn = []  # (row offset, request, first position, n)
+        for seq, n in chunks:
+            start = seq.num_computed
+            row = len(ids)
+            ids += seq.tokens[start : start + n]
+            p = range(start, start + n)
+            pos += p
+            table = seq.block_table
+            slots += [table[i // bs] * bs + i % bs for i in p]
+            end = start + n
+            if n == 1 and start > 0:
+                decode_rows.append(row)
+                decode_ctx.append(end)
+            else:
+                context = None
+                mask = None
+                if start > 0:
+                    context = torch.tensor([table[i // bs] * bs + i % bs for i in range(end)], dtype=torch.long)
+                    q = torch.arange(start, end)[:, None]
+                    mask = torch.arange(end)[None, :] <= q
+                prefills.append(attention.PrefillChunk(row, row + n, context, mask))
+            if end == len(seq.tokens):
+                sample_rows.append(row + n - 1)
+                sample_seqs.append(seq)
+            req = seq.request
+            if start < seq.prompt_len and req.embeds is not None:
+                if len(req.embeds.positions):
+                    overrides.append((row, req, start, min(end, seq.prompt_len)))
+                if req.embeds.feats is not None:
+                    xattn.append((row, req, start, min(end, seq.prompt_len)))
+        meta = attention.PagedMetadata(self.cache.k, self.cache.v, torch.tensor(slots, dtype=torch.long), prefills=prefills)
+        if decode_rows:
+            longest = max(decode_ctx)
+            ctx = torch.zeros(len(decode_rows), longest, dtype=torch.long)
+            mask = torch.zeros(len(decode_rows), 1, 1, longest, dtype=torch.bool)
+            k = 0
+            for (seq, n) in chunks:
+                if n == 1 and seq.num_computed > 0:
+                    length = seq.num_computed + 1
+                    s = [b * bs + j for b in seq.block_table[: -(-length // bs)] for j in range(bs)][:length]
+                    ctx[k, :length] = torch.tensor(s, dtype=torch.long)
+                    mask[k, ..., :length] = True
+                    k += 1
+            meta.decode_rows = torch.tensor(decode_rows, dtype=torch.long)
+            meta.decode_slots, meta.decode_mask = ctx, mask
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        for row, req, lo, hi in overrides:
+            e = req.embeds
+            a, b = torch.searchsorted(e.positions, torch.tensor([lo, hi])).tolist()
+            if b > a:
+                embeds[row + e.positions[a:b] - lo] = e.vectors[a:b]
+        model = self.model.model
+        if xattn:
+            feats, token_image = [], torch.full((len(ids),), -1, dtype=torch.long)
+            base = 0
+            for row, req, lo, hi in xattn:
+                ti = req.embeds.token_image[lo:hi]
+                token_image[row : row + hi - lo] = torch.where(ti >= 0, ti + base, -1)
+                feats.append(req.embeds.feats)
+                base += len(req.embeds.feats)
+            model._xattn_ctx = (torch.cat(feats), token_image[None].to(self.device))
+        try:
+            out = self.lm(inputs_embeds=embeds[None], position_ids=torch.tensor([pos], device=self.device),
+                          use_cache=False, paged=meta)
+        finally:
+            model._xattn_ctx = None
+        if not sample_rows:
+            return [], torch.empty(0)
+        hidden = out.last_hidden_state[0, sample_rows]
+        return sample_seqs, self.model.lm_head(hidden)

@@ -1,0 +1,219 @@
+"""A trained run, loaded for serving: the model, its tokenizers, the catalogue it talks about, and the
+engine. Everything that turns a request's content into engine input lives here, so the HTTP server,
+`recfm chat` and Python callers build prompts the same way (through `recfm.instructions.chat.render`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..instructions.chat import Item, PromptTooLong, render
+from ..instructions.templates import fill, load_templates
+from ..tokenizers.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from .constraints import ImageGridConstraint, ItemConstraint
+from .engine import Engine, EngineConfig
+from .sequence import ParamError, Prompt, SamplingParams
+
+
+class BadInput(ValueError):
+    """Something in a request that cannot be served; `param` names where it is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class Service:
+    def __init__(self, run_dir: str | Path, data: str | Path | None = None, engine_config: EngineConfig | None = None,
+                 dtype: torch.dtype = torch.float32, model_id: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 allowed_image_dirs: list[str | Path] = ()):
+        from ..data.domain import Domain
+        from ..foundation import RecFMForCausalLM
+        from ..tokenizers.bundle import Tokenizers
+        from ..training.collate import ItemImages, content_catalogue, domain_catalogue, render_context
+
+        self.run_dir = Path(run_dir)
+        if not (self.run_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{self.run_dir} is not a recfm run folder: it has no config.json")
+        self.model_id = model_id or self.run_dir.name
+        self.tok = Tokenizers(self.run_dir)
+        self.model = RecFMForCausalLM.from_pretrained(self.run_dir, dtype=dtype).eval()
+        cfg = self.model.config
+        if data is None:
+            info = self.run_dir / "run.json"
+            data = json.loads(info.read_text()).get("domain") if info.is_file() else None
+        self.domain = Domain(data) if data and Path(data).exists() else None
+        size = cfg.vision_config.image_size if cfg.vision_config is not None else 0
+        self.image_size = size
+        self.item_images = ItemImages(self.domain, size) if self.domain is not None and size else None
+        self.catalogue: dict[str, Item] = domain_catalogue(self.domain) if self.domain is not None else {}
+        # item ids the model has identifiers for (the catalogue may hold more)
+        self.catalogue = {k: v for k, v in self.catalogue.items() if k in self.tok.items._index} or self.catalogue
+        if cfg.item_mode == "content" and self.domain is not None:
+            content_catalogue(self.model, self.tok, self.domain, self.item_images)
+        self.engine = Engine(self.model, self.tok.text, engine_config)
+        self.ctx = render_context(self.tok, self.domain, cfg, self.engine.max_model_len - 1) if self.domain is not None \
+            else _bare_context(self.tok, cfg, self.engine.max_model_len - 1)
+        self.max_image_pixels = max_image_pixels
+        self.allowed_image_dirs = [Path(d).resolve() for d in allowed_image_dirs]
+        self.end_id = self.tok.text.convert_tokens_to_ids("<|end|>")
+        self.templates = {t.id: t for ts in load_templates().values() for t in ts}
+
+    # --- content -> engine input ----------------------------------------------------------------
+
+    def image_pixels(self, url: str, where: str) -> tuple[str, torch.Tensor]:
+        """(key, uint8 (3, S, S)) for an image_url: a data URL, or a file under an allow-listed folder."""
+        if not self.image_size:
+            raise BadInput("this model has no vision tower: send no images", where)
+        src = url
+        if not url.startswith("data:"):
+            path = Path(url.removeprefix("file://")).resolve() if not url.split(":", 1)[0] in ("http", "https", "ftp") else None
+            if path is None or not any(path.is_relative_to(d) for d in self.allowed_image_dirs):
+                raise BadInput("only data: URLs are accepted for images (no URL is fetched and no file is read unless "
+                               "the server was started with --allowed-image-dir for it)", where)
+            src = path
+        try:
+            im = load_image(src, self.max_image_pixels)
+        except ImageError as e:
+            raise BadInput(f"bad image: {e}", where) from None
+        from PIL import Image
+
+        arr = np.asarray(im.resize((self.image_size, self.image_size), Image.BICUBIC)).copy()
+        px = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        return "sha256:" + hashlib.sha256(arr.tobytes()).hexdigest(), px
+
+    def check_item(self, item_id: str, where: str) -> None:
+        if item_id not in self.catalogue:
+            raise BadInput(f"unknown item {item_id!r}: not in this model's catalogue", where)
+
+    def prompt(self, messages: list[dict], images: dict[str, torch.Tensor] | None = None) -> tuple[Prompt, object]:
+        """Render messages (parts: text, item, image with a key into `images`) into engine input."""
+        images = images or {}
+        try:
+            enc = render(messages, self.ctx, add_generation_prompt=True)
+        except PromptTooLong as e:
+            raise BadInput(f"{e}: this model's context is {self.engine.max_model_len} tokens", "messages") from None
+        except KeyError as e:
+            raise BadInput(str(e.args[0]) if e.args else str(e), "messages") from None
+        except ValueError as e:
+            raise BadInput(str(e), "messages") from None
+        if enc.image_refs and not self.image_size:
+            raise BadInput("this model has no vision tower: send no images", "messages")
+        prompt_images = []
+        for pos, ref in zip(enc.image_positions, enc.image_refs):
+            cached = ref in self.engine.runner.image_cache
+            if ref.startswith("item:"):
+                px = None if cached else self.item_images(ref.removeprefix("item:"))
+            else:
+                px = images[ref]
+            prompt_images.append((pos, ref, px))
+        content = sorted(enc.content_positions)
+        return Prompt(enc.input_ids, prompt_images, content), enc
+
+    def item_params(self, params: SamplingParams, allowed: list[str] | None, exclude: list[str]) -> SamplingParams:
+        """Constrain an answer to one item identifier (of `allowed`, minus `exclude`)."""
+        items = self.tok.items
+        if allowed is None and not exclude:
+            params.constraint = ItemConstraint(items, self.end_id)
+            return params
+        pool = allowed if allowed is not None else items.item_ids
+        for i in pool:
+            self.check_item(i, "allowed_items")
+        skip = set(exclude)
+        pool = [i for i in pool if i not in skip]
+        if not pool:
+            raise BadInput("no items left to choose from after excluding the history", "allowed_items")
+        params.constraint = ItemConstraint(items, self.end_id, pool)
+        return params
+
+    def image_params(self, params: SamplingParams) -> SamplingParams:
+        cfg = self.model.config
+        if cfg.image_code_offset < 0 or self.tok.vq is None:
+            raise BadInput("this model has no image tokenizer: it cannot generate images", "model")
+        n = cfg.image_grid ** 2
+        params.constraint = ImageGridConstraint(cfg.img_start_id, cfg.img_end_id, cfg.image_code_offset,
+                                                cfg.image_codebook_size, n, self.end_id)
+        params.max_tokens = n + 3
+        params.ignore_eos = False
+        return params
+
+    def decode_item(self, token_ids: list[int]) -> str | None:
+        ids = [t for t in token_ids if t != self.end_id]
+        if self.model.config.item_mode == "content":
+            return None
+        return self.tok.items.decode(ids) if ids else None
+
+    def decode_image(self, token_ids: list[int]):
+        cfg = self.model.config
+        n = cfg.image_grid ** 2
+        codes = [t - cfg.image_code_offset for t in token_ids if cfg.image_code_offset <= t < cfg.image_code_offset + cfg.image_codebook_size]
+        if len(codes) != n:
+            raise RuntimeError(f"expected {n} image codes, got {len(codes)}")
+        return self.tok.vq.decode_to_pil(torch.tensor([codes]))[0]
+
+    # --- recommendation-native ------------------------------------------------------------------
+
+    def history_messages(self, history: list, template_id: str, query: str | None = None) -> list[dict]:
+        tpl = self.templates.get(template_id)
+        if tpl is None:
+            raise BadInput(f"unknown template {template_id!r}", "template")
+        hist = []
+        for k, h in enumerate(history):
+            item_id, rating = (h, None) if isinstance(h, str) else (h.get("item_id"), h.get("rating"))
+            self.check_item(str(item_id), f"history[{k}]")
+            hist.append((str(item_id), rating))
+        if not hist:
+            raise BadInput("the history is empty", "history")
+        values = {"history": hist, "query": query or "item"}
+        return fill(tpl, values)[:1]
+
+    @torch.no_grad()
+    def recommend(self, history: list, k: int = 10, exclude_seen: bool = True, allowed_items: list[str] | None = None,
+                  template: str = "next-1") -> list[tuple[str, float]]:
+        """Top-k items for a history by the full-ranking head, in one forward pass (semantic ids: a
+        beam over the trie). Runs on the engine thread (see AsyncEngine.call)."""
+        from ..foundation.generation import beam_items
+
+        messages = self.history_messages(history, template)
+        prompt, _ = self.prompt(messages)
+        model, items = self.model, self.tok.items
+        seen = {h if isinstance(h, str) else h["item_id"] for h in history} if exclude_seen else set()
+        ids = torch.tensor([prompt.token_ids])
+        pix = None
+        if prompt.images:
+            pix = model.model.normalize_pixels(torch.stack([px if px is not None else self.item_images(ref.removeprefix("item:"))
+                                                            for _, ref, px in prompt.images]))
+        if allowed_items is not None:
+            for i in allowed_items:
+                self.check_item(i, "allowed_items")
+        if model.config.item_mode == "semantic":
+            found = beam_items(model, items, ids, k=k + len(seen), pixel_values=pix, end_token_id=self.end_id)[0]
+            found = [i for i in found if i not in seen and (allowed_items is None or i in allowed_items)]
+            return [(i, float(-r)) for r, i in enumerate(found[:k])]
+        content = torch.tensor([i for _, i in prompt.content], dtype=torch.long) if prompt.content else None
+        scores = model.score_items(ids, None, pix, content)[0]
+        if seen:
+            scores[[items.index(i) for i in seen]] = float("-inf")
+        if allowed_items is not None:
+            keep = torch.full_like(scores, float("-inf"))
+            idx = [items.index(i) for i in allowed_items]
+            keep[idx] = scores[idx]
+            scores = keep
+        top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
+        return [(items.item_id(int(i)), float(s)) for s, i in zip(top.values, top.indices)]
+
+
+def _bare_context(tok, cfg, max_tokens):
+    from ..instructions.chat import RenderContext
+
+    return RenderContext(tokenizer=tok.text, item_tokenizer=tok.items, catalogue={},
+                         image_tokens=cfg.image_tokens if cfg.vision_config is not None else 0, max_tokens=max_tokens)
+
+
+def param_error(e: ParamError) -> BadInput:
+    return BadInput(str(e), e.param)

@@ -1,0 +1,334 @@
+"""The serving engine: greedy outputs equal transformers' generate token for token in every batch
+composition, with chunked prefill, prefix-cache hits and forced preemption; the sampler, stops,
+constraints, n > 1 and block accounting."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from recfm.data import leave_one_out
+from recfm.foundation.build import build_model
+from recfm.instructions.chat import render
+from recfm.instructions.examples import build_training_examples
+from recfm.serving.engine import Engine, EngineConfig
+from recfm.serving.kv_cache import BlockManager
+from recfm.serving.sequence import ParamError, Prompt, SamplingParams
+from recfm.tokenizers.bundle import Tokenizers
+from recfm.training.collate import ItemImages, content_catalogue, render_context
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+N_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def rows(small_default):
+    split = leave_one_out(small_default)
+    ex = build_training_examples(small_default, split, per_user=1, seed=0)
+    wanted = ["next_item", "explanation", "which_image", "review", "rating", "yes_no"]
+    out = []
+    for task in wanted:
+        out.append(next(json.loads(r["messages"]) for r in ex if r["task"] == task))
+    return out
+
+
+class Setup:
+    """A tiny model with its tokenizers and its prompts (as engine input and as generate() input)."""
+
+    def __init__(self, domain, tok_dir, rows, mode="atomic", fusion="early", seed=0):
+        self.tok = Tokenizers(tok_dir, mode)
+        torch.manual_seed(seed)
+        self.model = build_model("tiny", self.tok, fusion=fusion).eval()
+        size = self.model.config.vision_config.image_size
+        self.images = ItemImages(domain, size)
+        if mode == "content":
+            content_catalogue(self.model, self.tok, domain, self.images)
+        self.ctx = render_context(self.tok, domain, self.model.config, 4096)
+        self.end = self.tok.text.convert_tokens_to_ids("<|end|>")
+        self.encoded = [render(m[:-1], self.ctx, add_generation_prompt=True) for m in rows]
+
+    def prompt(self, e) -> Prompt:
+        return Prompt(e.input_ids, [(p, r, self.images(r.removeprefix("item:"))) for p, r in zip(e.image_positions, e.image_refs)],
+                      sorted(e.content_positions))
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        return [self.prompt(e) for e in self.encoded]
+
+    @torch.no_grad()
+    def reference(self, e, n_new=N_NEW, **kwargs) -> list[int]:
+        """transformers' generate on one prompt, cut after the first end token."""
+        ids = torch.tensor([e.input_ids])
+        extra = {}
+        if e.image_refs:
+            pix = torch.stack([self.images(r.removeprefix("item:")) for r in e.image_refs])
+            extra["pixel_values"] = self.model.model.normalize_pixels(pix)
+        if e.content_positions:
+            extra["content_item_ids"] = torch.tensor([i for _, i in sorted(e.content_positions)])
+        out = self.model.generate(input_ids=ids, max_new_tokens=n_new, do_sample=False, eos_token_id=[self.end, 2],
+                                  pad_token_id=0, **extra, **kwargs)[0, ids.shape[1]:].tolist()
+        for k, t in enumerate(out):
+            if t in (self.end, 2):
+                return out[: k + 1]
+        return out
+
+    def engine(self, **kw) -> Engine:
+        return Engine(self.model, self.tok.text, EngineConfig(**{"num_blocks": 256, "block_size": 8, **kw}))
+
+
+@pytest.fixture(scope="module", params=[("atomic", "early"), ("atomic", "cross_attention"), ("content", "early")],
+                ids=lambda p: "-".join(p))
+def setup(request, small_default, tiny_tokenizers, rows):
+    mode, fusion = request.param
+    s = Setup(small_default, tiny_tokenizers, rows, mode, fusion)
+    s.expected = [s.reference(e) for e in s.encoded]  # before any engine touches the model
+    if fusion == "cross_attention":  # gates start at zero: open them so images change the answer
+        for blk in s.model.model.cross_attn.values():
+            blk.attn_gate.data.fill_(1.0)
+            blk.ff_gate.data.fill_(1.0)
+        s.expected = [s.reference(e) for e in s.encoded]
+    return s
+
+
+GREEDY = SamplingParams(max_tokens=N_NEW, temperature=0)
+
+
+def outputs(engine, prompts, params=GREEDY):
+    return [r[0] for r in engine.generate(prompts, params)]
+
+
+def test_greedy_equals_generate_all_at_once(setup):
+    eng = setup.engine()
+    assert outputs(eng, setup.prompts) == setup.expected
+    assert eng.blocks.num_used == 0  # every block returned (cached ones are free to reuse)
+
+
+def test_greedy_equals_generate_one_at_a_time(setup):
+    eng = setup.engine(prefix_caching=False)
+    assert [outputs(eng, [p])[0] for p in setup.prompts] == setup.expected
+
+
+def test_greedy_equals_generate_with_chunked_prefill(setup):
+    eng = setup.engine(max_num_batched_tokens=24, prefix_caching=False)
+    assert outputs(eng, setup.prompts) == setup.expected
+    assert eng.stats.steps > sum(len(p.token_ids) for p in setup.prompts) // 24  # prompts really were split
+
+
+def test_greedy_equals_generate_with_staggered_arrivals(setup):
+    eng = setup.engine(max_num_batched_tokens=64)
+    prompts = setup.prompts
+    got: dict[str, list[int]] = {}
+    pending = list(enumerate(prompts))
+    while pending or eng.has_unfinished():
+        if pending:  # a new request every other step, joining sequences mid-decode
+            k, p = pending.pop(0)
+            eng.add_request(f"r{k}", p, GREEDY)
+        for out in eng.step():
+            got.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+        if eng.has_unfinished():
+            for out in eng.step():
+                got.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+    assert [got[f"r{k}"] for k in range(len(prompts))] == setup.expected
+
+
+def test_greedy_equals_generate_with_prefix_cache_hits(setup):
+    eng = setup.engine()
+    first = outputs(eng, setup.prompts)
+    hits_before = eng.blocks.hits
+    second = outputs(eng, setup.prompts)
+    assert eng.blocks.hits > hits_before  # the second round found its prompts' blocks
+    assert first == second == setup.expected
+
+
+def test_greedy_equals_generate_when_preempted(setup):
+    # room for the first two prompts and one more block: both are admitted, and both must grow
+    blocks = [-(-(len(p.token_ids) + 1) // 8) for p in setup.prompts]
+    longest = -(-(max(len(p.token_ids) for p in setup.prompts) + N_NEW) // 8)
+    eng = setup.engine(num_blocks=max(blocks[0] + blocks[1] + 1, longest), prefix_caching=False)
+    assert outputs(eng, setup.prompts) == setup.expected
+    assert eng.scheduler.num_preemptions > 0
+    assert eng.blocks.num_used == 0
+
+
+def test_same_history_is_computed_once(setup):
+    """N requests over the same user history: the shared blocks are computed by the first only."""
+    eng = setup.engine()
+    p = setup.prompts[0]
+    outputs(eng, [p])
+    before = eng.stats.prompt_tokens
+    outputs(eng, [p, p, p])
+    full = (len(p.token_ids) - 1) // 8 * 8
+    assert eng.stats.prompt_tokens - before == 3 * (len(p.token_ids) - full)
+
+
+def test_repetition_penalty_matches_generate(setup):
+    e = setup.encoded[1]
+    want = setup.reference(e, repetition_penalty=1.3)
+    eng = setup.engine()
+    assert outputs(eng, [setup.prompt(e)], SamplingParams(max_tokens=N_NEW, temperature=0, repetition_penalty=1.3))[0] == want
+
+
+# --- the sampler and the request lifecycle (one configuration is enough) -------------------------
+
+
+@pytest.fixture(scope="module")
+def atomic(small_default, tiny_tokenizers, rows):
+    return Setup(small_default, tiny_tokenizers, rows, "atomic", "early", seed=1)
+
+
+def test_logprobs_are_the_models_log_softmax(atomic):
+    e = atomic.encoded[0]
+    eng = atomic.engine()
+    req = eng.add_request("lp", atomic.prompt(e), SamplingParams(max_tokens=3, temperature=0, logprobs=5))
+    picks = []
+    while eng.has_unfinished():
+        for out in eng.step():
+            picks += out.outputs[0].logprobs
+    with torch.no_grad():
+        ids = torch.tensor([e.input_ids + [s.token for s in picks[:-1]]])
+        pix = atomic.model.model.normalize_pixels(torch.stack([atomic.images(r[5:]) for r in e.image_refs]))
+        logits = atomic.model(input_ids=ids, pixel_values=pix).logits[0, len(e.input_ids) - 1 :]
+    lp = torch.log_softmax(logits.float(), -1)
+    for k, s in enumerate(picks):
+        assert s.logprob == pytest.approx(float(lp[k, s.token]), abs=1e-4)
+        assert [t for t, _ in s.top] == torch.topk(lp[k], 5).indices.tolist()
+        assert s.top[0][0] == s.token  # greedy picks the best
+    assert req.finished
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(atomic):
+    p = atomic.prompts[2]
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=7)
+    alone = outputs(atomic.engine(), [p], params)[0]
+    batched = outputs(atomic.engine(), [atomic.prompts[0], p, atomic.prompts[3]], [GREEDY, params, SamplingParams(max_tokens=5, seed=1)])[1]
+    other_seed = outputs(atomic.engine(), [p], SamplingParams(max_tokens=8, temperature=1.0, seed=8))[0]
+    assert alone == batched
+    assert alone != other_seed
+
+
+def test_n_answers_share_the_prompt(atomic):
+    p = atomic.prompts[1]
+    eng = atomic.engine()
+    res = eng.generate([p], SamplingParams(max_tokens=6, temperature=1.0, seed=3, n=3))[0]
+    assert len(res) == 3 and len({tuple(r) for r in res}) > 1  # three different samples
+    assert eng.stats.prompt_tokens == len(p.token_ids)  # the prompt was computed once
+    again = atomic.engine().generate([p], SamplingParams(max_tokens=6, temperature=1.0, seed=3, n=3))[0]
+    assert again == res
+    greedy = atomic.engine().generate([p], SamplingParams(max_tokens=6, temperature=0, n=2))[0]
+    assert greedy[0] == greedy[1]
+
+
+def test_stops_and_lengths(atomic):
+    p = atomic.prompts[1]
+    eng = atomic.engine()
+    free = outputs(eng, [p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    assert len(free) == 12
+    cut = outputs(eng, [p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[free[3]]))[0]
+    assert cut == free[: free.index(free[3]) + 1]
+    eng.add_request("s", p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    while eng.has_unfinished():
+        eng.step()
+    text = eng.scheduler and eng._detokenize(free)
+    needle = text[len(text) // 2 : len(text) // 2 + 3]
+    if needle.strip():
+        eng.add_request("stop", p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[needle]))
+        got, reason = "", None
+        while eng.has_unfinished():
+            for out in eng.step():
+                got += out.outputs[0].text
+                reason = out.outputs[0].finish_reason or reason
+        assert got == text[: text.find(needle)] and reason == "stop"
+
+
+def test_item_constraint_gives_real_items(atomic):
+    from recfm.serving.constraints import ItemConstraint
+
+    items = atomic.tok.items
+    allowed = items.item_ids[5:9]
+    eng = atomic.engine()
+    for c in (ItemConstraint(items, atomic.end), ItemConstraint(items, atomic.end, allowed)):
+        res = outputs(eng, atomic.prompts[:3], SamplingParams(max_tokens=4, temperature=1.0, seed=0, constraint=c))
+        for r in res:
+            assert r[-1] == atomic.end
+            item = items.decode(r[:-1])
+            assert item is not None and (c.trie is items.trie or item in allowed)
+
+
+def test_image_constraint_gives_one_grid(atomic):
+    from recfm.serving.constraints import ImageGridConstraint
+
+    cfg = atomic.model.config
+    n = cfg.image_grid ** 2
+    c = ImageGridConstraint(cfg.img_start_id, cfg.img_end_id, cfg.image_code_offset, cfg.image_codebook_size, n, atomic.end)
+    r = outputs(atomic.engine(), atomic.prompts[:1], SamplingParams(max_tokens=n + 3, seed=0, constraint=c))[0]
+    assert r[0] == cfg.img_start_id and r[n + 1] == cfg.img_end_id and r[n + 2] == atomic.end
+    assert all(cfg.image_code_offset <= t < cfg.image_code_offset + cfg.image_codebook_size for t in r[1 : n + 1])
+
+
+def test_abort_returns_every_block(atomic):
+    eng = atomic.engine(prefix_caching=False)
+    for k, p in enumerate(atomic.prompts):
+        eng.add_request(f"a{k}", p, SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(4):
+        eng.step()
+    assert eng.blocks.num_used > 0
+    for k in range(len(atomic.prompts)):
+        eng.abort(f"a{k}")
+    assert eng.blocks.num_used == 0 and not eng.has_unfinished()
+
+
+def test_bad_requests_are_refused_with_a_reason(atomic):
+    eng = atomic.engine(max_model_len=64)
+    vocab = atomic.model.config.text_config.vocab_size
+    with pytest.raises(ParamError, match="empty"):
+        eng.add_request("a", Prompt([]), GREEDY)
+    with pytest.raises(ParamError, match="outside the vocabulary"):
+        eng.add_request("b", Prompt([1, vocab]), GREEDY)
+    with pytest.raises(ParamError, match="context"):
+        eng.add_request("c", Prompt([1] * 64), GREEDY)
+    with pytest.raises(ParamError, match="top_p"):
+        SamplingParams(top_p=0)
+    assert not eng.has_unfinished()
+
+
+# --- the block manager on its own ----------------------------------------------------------------
+
+
+def test_block_manager_counts_shares_and_evicts_least_recent():
+    bm = BlockManager(4, 2)
+    a = []
+    assert bm.grow(a, 3) and len(a) == 2 and bm.num_free == 2
+    bm.register(a[0], "k0")
+    b = bm.match(["k0", "k1"], 2)
+    assert b == [a[0]] and bm.ref[a[0]] == 2
+    shared = a[0]
+    bm.release(a)
+    assert bm.ref[shared] == 1 and bm.num_free == 3
+    bm.release(b)
+    assert bm.num_free == 4
+    # the cached block stays findable until the pool needs it; unkeyed blocks are reused first
+    c = []
+    assert bm.grow(c, 6) and shared not in c  # three blocks: the three without a key
+    assert bm.match(["k0"], 1) == [shared]  # still cached
+    bm.release([shared])
+    assert bm.grow(c, 8) and shared in c  # all four: now the cached one is evicted
+    assert bm.match(["k0"], 1) == []
+    assert not bm.grow(c, 10)  # not enough: nothing taken
+    assert len(c) == 4 and bm.num_free == 0
+
+
+def test_prefix_keys_include_images(atomic):
+    """Same tokens, different image: no cache hit (a block's key holds what its positions show)."""
+    e = next(e for e in atomic.encoded if e.image_refs)
+    p = atomic.prompt(e)
+    other = Prompt(p.token_ids, [(pos, key + "-other", px.flip(-1)) for pos, key, px in p.images])
+    eng = atomic.engine()
+    outputs(eng, [p])
+    hits = eng.blocks.hits
+    outputs(eng, [other])
+    first_image_block = p.images[0][0] // 8
+    assert eng.blocks.hits - hits == first_image_block * 8
+    np.testing.assert_equal(eng.blocks.num_used, 0)
