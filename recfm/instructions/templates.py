@@ -82,8 +82,8 @@ def item_part(item_id: str, view: str, rating: float | None = None, history: boo
     return part
 
 
-def fill(template: Template, values: dict) -> list[dict]:
-    """Messages for one example. `values` holds what the slots need:
+def fill(template: Template, values: dict, answer: bool = True) -> list[dict]:
+    """Messages for one example (only the user turn with answer=False: a prompt to serve). `values` holds what the slots need:
     history: [(item_id, rating|None)], item, candidates: [item_id], image_a, image_b (item ids),
     rating, query, and for the answer: target, review, yes_no, choice, image_codes (= target)."""
     user: list[dict] = []
@@ -95,7 +95,10 @@ def fill(template: Template, values: dict) -> list[dict]:
         pos = m.end()
     if pos < len(template.prompt):
         user.append(text_part(template.prompt[pos:]))
-    return [{"role": "user", "content": _merge_text(user)}, {"role": "assistant", "content": _answer(template, values)}]
+    messages = [{"role": "user", "content": _merge_text(user)}]
+    if answer:
+        messages.append({"role": "assistant", "content": _answer(template, values)})
+    return messages
 
 
 def _slot(name: str, v: dict, tpl: Template) -> list[dict]:

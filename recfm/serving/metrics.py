@@ -26,6 +26,9 @@ class EngineMetrics:
         self.tpot = Histogram("recfm_time_per_output_token_seconds", "Time per output token after the first", labels,
                               buckets=LATENCY_BUCKETS, registry=r)
         self.model = model_id
+        for metric in (self.running, self.waiting, self.kv_used, self.kv_free, self.kv_total, self.hit_rate, self.tps,
+                       self.prompt_tokens, self.generation_tokens, self.preemptions, self.image_cache_hits, self.ttft, self.tpot):
+            metric.labels(model_id)  # present (at zero) before the first request
         self._seen = dict(prompt=0, gen=0, pre=0, img=0)
 
     def update(self, async_engine) -> None:

@@ -170,7 +170,7 @@ class Service:
         if not hist:
             raise BadInput("the history is empty", "history")
         values = {"history": hist, "query": query or "item"}
-        return fill(tpl, values)[:1]
+        return fill(tpl, values, answer=False)
 
     @torch.no_grad()
     def recommend(self, history: list, k: int = 10, exclude_seen: bool = True, allowed_items: list[str] | None = None,
