@@ -30,19 +30,34 @@ NAME = "recfm_paged"
 class PrefillChunk:
     start: int  # first row of the chunk in the flattened batch
     end: int
-    context: torch.Tensor | None  # cache slots of the context before and including the chunk, or None when it is the first
-    mask: torch.Tensor | None  # (chunk, context) bool, True = attend
+    blocks: torch.Tensor | None  # the sequence's blocks up to the chunk's end, or None when the chunk has no earlier context
+    length: int = 0  # context length including the chunk
+    mask: torch.Tensor | None = None  # (chunk, length) bool, True = attend
 
 
 @dataclass
 class PagedMetadata:
-    k_cache: list[torch.Tensor]  # per layer (num_slots, kv_heads, head_dim)
+    k_cache: list[torch.Tensor]  # per layer (num_blocks, block_size, kv_heads, head_dim)
     v_cache: list[torch.Tensor]
-    slot_mapping: torch.Tensor  # (N,) where each token's key/value goes
+    slot_mapping: torch.Tensor  # (N,) where each token's key/value goes (block * block_size + offset)
     decode_rows: torch.Tensor | None = None  # (nd,) rows of the decode tokens
-    decode_slots: torch.Tensor | None = None  # (nd, L) context slots per decode sequence (padded with 0)
-    decode_mask: torch.Tensor | None = None  # (nd, 1, 1, L) bool
+    decode_blocks: torch.Tensor | None = None  # (nd, max_blocks) block table per decode sequence (padded with 0)
+    decode_mask: torch.Tensor | None = None  # (nd, 1, 1, max_blocks * block_size) bool
     prefills: list[PrefillChunk] = field(default_factory=list)
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # reused buffers for gathered keys and values
+
+
+def gather(cache: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., n_blocks) block numbers -> (..., n_blocks * block_size, kv_heads, head_dim): whole blocks
+    copied at once (a block is one contiguous run of memory), not token by token. `out`, a flat
+    buffer reused from step to step, saves the page faults of a fresh multi-MB allocation per layer."""
+    nb, bs, h, d = cache.shape
+    idx = blocks.reshape(-1)
+    if out is not None and out.numel() >= idx.numel() * bs * h * d:
+        res = torch.index_select(cache.view(nb, bs * h * d), 0, idx, out=out[: idx.numel() * bs * h * d].view(-1, bs * h * d))
+    else:
+        res = cache.view(nb, bs * h * d).index_select(0, idx)
+    return res.view(*blocks.shape[:-1], blocks.shape[-1] * bs, h, d)
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -53,26 +68,27 @@ def paged_attention_forward(module, query, key, value, attention_mask, dropout=0
     kc, vc = meta.k_cache[layer], meta.v_cache[layer]
     k = key[0].transpose(0, 1)  # (N, kvh, d)
     v = value[0].transpose(0, 1)
-    kc.index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
-    vc.index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
+    kc.view(-1, *kc.shape[2:]).index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
+    vc.view(-1, *vc.shape[2:]).index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
     q = query[0]  # (H, N, d)
     gqa = q.shape[0] != k.shape[1]
     out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # (N, H, d)
     if meta.decode_rows is not None:
         qd = q[:, meta.decode_rows].transpose(0, 1).unsqueeze(2)  # (nd, H, 1, d)
-        kd = kc[meta.decode_slots].transpose(1, 2).to(q.dtype)  # (nd, kvh, L, d)
-        vd = vc[meta.decode_slots].transpose(1, 2).to(q.dtype)
+        sk, sv = meta.scratch or (None, None)
+        kd = gather(kc, meta.decode_blocks, sk).transpose(1, 2).to(q.dtype)  # (nd, kvh, L, d)
+        vd = gather(vc, meta.decode_blocks, sv).transpose(1, 2).to(q.dtype)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=gqa)
         out[meta.decode_rows] = o.squeeze(2)
     for c in meta.prefills:
         qp = q[:, c.start : c.end].unsqueeze(0)  # (1, H, c, d)
-        if c.context is None:
+        if c.blocks is None:
             kp = key[:, :, c.start : c.end]
             vp = value[:, :, c.start : c.end]
             o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scaling, enable_gqa=gqa)
         else:
-            kp = kc[c.context].transpose(0, 1).unsqueeze(0).to(q.dtype)
-            vp = vc[c.context].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            kp = gather(kc, c.blocks)[: c.length].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            vp = gather(vc, c.blocks)[: c.length].transpose(0, 1).unsqueeze(0).to(q.dtype)
             o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=c.mask, scale=scaling, enable_gqa=gqa)
         out[c.start : c.end] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None

@@ -248,12 +248,14 @@ class Engine:
         if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
             self._finish(seq, "stop")
             return
-        seq.text = self._detokenize(out)
+        if token not in self._hidden_ids:
+            seq.visible.append(token)
+            seq.text += self._detokenize_step(seq)
         if p.stop:
             cut = min((i for i in (seq.text.find(s, max(0, seq.sent - len(s))) for s in p.stop) if i >= 0), default=-1)
             if cut >= 0:
                 seq.text = seq.text[:cut]
-                self._finish(seq, "stop")
+                self._finish(seq, "stop", flush=False)
                 return
         if len(out) >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
             self._finish(seq, "length")
@@ -261,7 +263,21 @@ class Engine:
     def _detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode([t for t in ids if t not in self._hidden_ids], skip_special_tokens=False)
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _detokenize_step(self, seq: Sequence, final: bool = False) -> str:
+        """The text the newest tokens add, decoding only a short window (prefix_offset..): a whole-output
+        decode per token would cost O(length) each time. A character split over tokens is held back
+        until complete (or until the end)."""
+        ids = seq.visible
+        before = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=False)
+        now = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=False)
+        if len(now) > len(before) and (final or not now.endswith("\ufffd")):
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            return now[len(before) :]
+        return ""
+
+    def _finish(self, seq: Sequence, reason: str, flush: bool = True) -> None:
+        if flush:
+            seq.text += self._detokenize_step(seq, final=True)  # whatever was held back
         seq.finish_reason = reason
         req = seq.request
         if len(seq.output) > 1:
@@ -277,8 +293,6 @@ class Engine:
                 hold = max(len(s) for s in req.params.stop) - 1  # could be the start of a stop string
             upto = max(seq.sent, len(seq.text) - hold)
             text = seq.text[seq.sent : upto]
-            if text.endswith("\ufffd") and seq.finish_reason is None:  # a character cut between tokens
-                text = text.rstrip("\ufffd")
             seq.sent += len(text)
             before, seq.num_emitted = seq.num_emitted, len(seq.output)
             new_tokens = seq.output[before:]

@@ -25,11 +25,11 @@ class NoFreeBlocks(RuntimeError):
 
 
 class KVCache:
-    """Per-layer key and value tensors of (num_blocks * block_size, kv_heads, head_dim)."""
+    """Per-layer key and value tensors of (num_blocks, block_size, kv_heads, head_dim)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        shape = (num_blocks * block_size, kv_heads, head_dim)
+        shape = (num_blocks, block_size, kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
@@ -39,9 +39,8 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def copy_block(self, src: int, dst: int, n_tokens: int) -> None:
-        bs = self.block_size
         for t in self.k + self.v:
-            t[dst * bs : dst * bs + n_tokens] = t[src * bs : src * bs + n_tokens]
+            t[dst, :n_tokens] = t[src, :n_tokens]
 
 
 class BlockManager:

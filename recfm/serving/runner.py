@@ -48,6 +48,16 @@ class ModelRunner:
         self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_cache_size = image_cache_size
         self.image_hits = self.image_misses = 0
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _scratch(self, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat buffers for n_tokens gathered keys and values, grown (never shrunk) as needed."""
+        k = self.cache.k[0]
+        need = n_tokens * k.shape[2] * k.shape[3]
+        if self._gathered is None or self._gathered[0].numel() < need:
+            size = max(need, 2 * (0 if self._gathered is None else self._gathered[0].numel()))
+            self._gathered = (torch.empty(size, dtype=k.dtype, device=k.device), torch.empty(size, dtype=k.dtype, device=k.device))
+        return self._gathered
 
     # --- per request ----------------------------------------------------------------------------
 
@@ -110,7 +120,7 @@ class ModelRunner:
         and their next-token logits (len, vocab)."""
         bs = self.block_size
         ids, pos, slots = [], [], []
-        decode_rows, decode_ctx, prefills, sample_rows, sample_seqs = [], [], [], [], []
+        decode_rows, decode_seqs, prefills, sample_rows, sample_seqs = [], [], [], [], []
         overrides = []  # (row offset, request, first position, n)
         xattn = []  # (row offset, request, first position, n)
         for seq, n in chunks:
@@ -124,15 +134,13 @@ class ModelRunner:
             end = start + n
             if n == 1 and start > 0:
                 decode_rows.append(row)
-                decode_ctx.append(end)
+                decode_seqs.append(seq)
+            elif start == 0:
+                prefills.append(attention.PrefillChunk(row, row + n, None))
             else:
-                context = None
-                mask = None
-                if start > 0:
-                    context = torch.tensor([table[i // bs] * bs + i % bs for i in range(end)], dtype=torch.long)
-                    q = torch.arange(start, end)[:, None]
-                    mask = torch.arange(end)[None, :] <= q
-                prefills.append(attention.PrefillChunk(row, row + n, context, mask))
+                blocks = torch.tensor(table[: -(-end // bs)], dtype=torch.long)
+                mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+                prefills.append(attention.PrefillChunk(row, row + n, blocks, end, mask))
             if end == len(seq.tokens):
                 sample_rows.append(row + n - 1)
                 sample_seqs.append(seq)
@@ -144,19 +152,15 @@ class ModelRunner:
                     xattn.append((row, req, start, min(end, seq.prompt_len)))
         meta = attention.PagedMetadata(self.cache.k, self.cache.v, torch.tensor(slots, dtype=torch.long), prefills=prefills)
         if decode_rows:
-            longest = max(decode_ctx)
-            ctx = torch.zeros(len(decode_rows), longest, dtype=torch.long)
-            mask = torch.zeros(len(decode_rows), 1, 1, longest, dtype=torch.bool)
-            k = 0
-            for (seq, n) in chunks:
-                if n == 1 and seq.num_computed > 0:
-                    length = seq.num_computed + 1
-                    s = [b * bs + j for b in seq.block_table[: -(-length // bs)] for j in range(bs)][:length]
-                    ctx[k, :length] = torch.tensor(s, dtype=torch.long)
-                    mask[k, ..., :length] = True
-                    k += 1
+            lengths = [s.num_computed + 1 for s in decode_seqs]
+            width = -(-max(lengths) // bs)
+            tables = torch.zeros(len(decode_seqs), width, dtype=torch.long)
+            for k, s in enumerate(decode_seqs):
+                tables[k, : len(s.block_table)] = torch.tensor(s.block_table[:width])
             meta.decode_rows = torch.tensor(decode_rows, dtype=torch.long)
-            meta.decode_slots, meta.decode_mask = ctx, mask
+            meta.decode_blocks = tables
+            meta.decode_mask = (torch.arange(width * bs)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+            meta.scratch = self._scratch(tables.numel() * bs)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         embeds = self.lm.get_input_embeddings()(input_ids)
         for row, req, lo, hi in overrides:

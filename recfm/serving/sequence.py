@@ -107,6 +107,9 @@ class Sequence:
     own_keys: list = field(default_factory=list)  # prefix-cache keys of its blocks past the prompt's
     num_emitted: int = 0  # output tokens already handed out
     text: str = ""  # detokenized output so far (stop strings cut)
+    visible: list[int] = field(default_factory=list)  # output tokens that show in text
+    prefix_offset: int = 0  # incremental detokenization window (see Engine._detokenize_step)
+    read_offset: int = 0
     sent: int = 0  # characters of `text` already handed out
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
