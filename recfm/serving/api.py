@@ -166,9 +166,9 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
         except ParamError as e:
             raise bad(str(e), e.param) from None
 
-    async def outputs(rid: str, prompt, params) -> AsyncIterator[RequestOutput]:
+    async def outputs(rid: str, prompt, params, scorer=None) -> AsyncIterator[RequestOutput]:
         try:
-            async for out in engine.generate(rid, prompt, params):
+            async for out in engine.generate(rid, prompt, params, scorer):
                 yield out
         except QueueFull as e:
             raise APIError(429, f"the server is busy: {e}; retry later", "rate_limit_error", code="queue_full") from None
@@ -421,8 +421,15 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
         check_model(body.model)
         history = history_of(body.history)
         try:
-            ranked = await engine.call(lambda _: service.recommend(history, body.k, body.exclude_seen, body.allowed_items,
-                                                                   body.template))
+            if service.model.config.item_mode == "semantic":  # a beam over the trie, between engine steps
+                ranked = await engine.call(lambda _: service.recommend(history, body.k, body.exclude_seen,
+                                                                       body.allowed_items, body.template))
+            else:  # one forward pass through the engine: batched with other requests, prefix cache included
+                prompt, scorer = service.recommend_request(history, body.k, body.exclude_seen, body.allowed_items,
+                                                           body.template)
+                ranked = None
+                async for out in outputs(f"rec-{uuid.uuid4().hex}", prompt, SamplingParams(max_tokens=1), scorer):
+                    ranked = out.result
         except BadInput as e:
             raise bad(str(e), e.param) from None
         except EngineDead as e:

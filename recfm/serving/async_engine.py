@@ -20,6 +20,21 @@ from .engine import Engine, RequestOutput
 from .metrics import EngineMetrics
 
 
+class _Sink:
+    """Where one request's outputs go: an asyncio queue on its event loop."""
+
+    def __init__(self, loop, queue):
+        self.loop, self.queue = loop, queue
+
+    def __call__(self, out) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+
+
+def _put_all(items) -> None:
+    for q, out in items:
+        q.put_nowait(out)
+
+
 class QueueFull(RuntimeError):
     pass
 
@@ -73,12 +88,14 @@ class AsyncEngine:
                     before = eng.stats.generation_tokens
                     outs = eng.step()
                     self._recent.append((time.monotonic(), eng.stats.generation_tokens - before))
+                    batch = []
                     for out in outs:
                         sink = self._sinks.get(out.request_id)
                         if sink is not None:
-                            sink(out)
+                            batch.append((sink, out))
                             if out.finished:
                                 self._sinks.pop(out.request_id, None)
+                    self._deliver(batch)
                 if self.metrics is not None:
                     self.metrics.update(self)
         except BaseException as e:  # the engine is broken: fail every open request, report dead
@@ -88,14 +105,27 @@ class AsyncEngine:
                 sink(EngineDead(f"the engine stopped: {e!r}"))
             self._sinks.clear()
 
+    @staticmethod
+    def _deliver(batch: list) -> None:
+        """Hand a step's outputs over: one wake-up of each event loop per step, not one per request."""
+        by_loop: dict = {}
+        for sink, out in batch:
+            loop = getattr(sink, "loop", None)
+            if loop is None:
+                sink(out)
+            else:
+                by_loop.setdefault(loop, []).append((sink.queue, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
     def _handle(self, msg) -> None:
         kind = msg[0]
         if kind == "add":
-            _, rid, prompt, params, sink = msg
+            _, rid, prompt, params, scorer, sink = msg
             with self._lock:
                 self._pending -= 1
             try:
-                self.engine.add_request(rid, prompt, params)
+                self.engine.add_request(rid, prompt, params, scorer)
             except Exception as e:  # a bad request: its caller gets the error, the engine goes on
                 sink(e)
                 return
@@ -129,17 +159,16 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + self._pending
 
-    async def generate(self, request_id: str, prompt, params) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt, params, scorer=None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they come; leaving early (a client that went away) aborts it."""
         self._check()
         if self.num_waiting >= self.max_waiting:
             raise QueueFull(f"{self.num_waiting} requests are already waiting")
-        loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        sink = lambda out: loop.call_soon_threadsafe(q.put_nowait, out)  # noqa: E731
+        sink = _Sink(asyncio.get_running_loop(), q)
         with self._lock:
             self._pending += 1
-        self._inbox.put(("add", request_id, prompt, params, sink))
+        self._inbox.put(("add", request_id, prompt, params, scorer, sink))
         finished = False
         try:
             while True:

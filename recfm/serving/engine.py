@@ -52,6 +52,7 @@ class RequestOutput:
     cached_tokens: int
     finished: bool
     completion_tokens: int = 0
+    result: object = None  # a scoring request's answer
 
 
 @dataclass
@@ -91,7 +92,10 @@ class Engine:
 
     # --- requests -------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> Request:
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, scorer=None) -> Request:
+        """Queue a request. With `scorer`, nothing is generated: when the prompt is computed,
+        scorer(last hidden state, next-token logits) is the request's `result` (full-ranking
+        recommendation through the engine: batched with other requests, prefix cache included)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         n = len(prompt.token_ids)
@@ -107,7 +111,7 @@ class Engine:
         if -(-(n + 1) // self.blocks.block_size) > self.blocks.num_blocks:
             raise ParamError("messages", f"the prompt has {n} tokens, more than the whole KV cache holds "
                              f"({self.blocks.num_blocks * self.blocks.block_size})")
-        req = Request(request_id, prompt, params)
+        req = Request(request_id, prompt, params, scorer=scorer)
         for pos, key, _ in prompt.images:
             for p in range(pos, pos + self.model.config.image_tokens):
                 req.extra_keys[p] = key
@@ -177,7 +181,7 @@ class Engine:
             return [self._output(r) for r in touched.values()]
         for seq, _ in sched.chunks:
             self.runner.prepare(seq.request)
-        seqs, logits = self.runner.execute(sched.chunks)
+        seqs, hidden, logits = self.runner.execute(sched.chunks)
         self.stats.steps += 1
         for seq, n in sched.chunks:
             seq.num_computed += n
@@ -187,9 +191,16 @@ class Engine:
         # n > 1: a prompt just finished forks into its n answers, each sampled from the same logits
         rows, sampled_seqs = [], []
         for k, seq in enumerate(seqs):
+            req = seq.request
+            if req.scorer is not None:  # a scoring request: its answer is a function of the last hidden state
+                req.result = req.scorer(hidden[k], logits[k])
+                if req.first_token_time is None:
+                    req.first_token_time = time.monotonic()
+                self._finish(seq, "stop", flush=False)
+                touched[req.request_id] = req
+                continue
             rows.append(k)
             sampled_seqs.append(seq)
-            req = seq.request
             if seq.index == 0 and not seq.output and req.params.n > 1 and len(req.sequences) == 1:
                 for i in range(1, req.params.n):
                     child = self._fork(seq, i)
@@ -301,7 +312,7 @@ class Engine:
         if finished:
             self.requests.pop(req.request_id, None)
         return RequestOutput(req.request_id, outs, req.sequences[0].prompt_len, req.num_cached_tokens, finished,
-                             sum(len(s.output) for s in req.sequences))
+                             sum(len(s.output) for s in req.sequences), req.result)
 
     # --- convenience ----------------------------------------------------------------------------
 

@@ -115,9 +115,9 @@ class ModelRunner:
     # --- one step -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def execute(self, chunks: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
-        """Run the scheduled chunks; return the sequences that reached their last token (to be sampled)
-        and their next-token logits (len, vocab)."""
+    def execute(self, chunks: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor, torch.Tensor]:
+        """Run the scheduled chunks; return the sequences that reached their last token (to be sampled
+        or scored), their last hidden states (len, d) and next-token logits (len, vocab)."""
         bs = self.block_size
         ids, pos, slots = [], [], []
         decode_rows, decode_seqs, prefills, sample_rows, sample_seqs = [], [], [], [], []
@@ -184,6 +184,6 @@ class ModelRunner:
         finally:
             model._xattn_ctx = None
         if not sample_rows:
-            return [], torch.empty(0)
+            return [], torch.empty(0), torch.empty(0)
         hidden = out.last_hidden_state[0, sample_rows]
-        return sample_seqs, self.model.lm_head(hidden)
+        return sample_seqs, hidden, self.model.lm_head(hidden)

@@ -76,6 +76,8 @@ class Request:
     request_id: str
     prompt: Prompt
     params: SamplingParams
+    scorer: Any = None  # see Engine.add_request
+    result: Any = None
     arrival: float = field(default_factory=time.monotonic)
     # filled by the model runner on first schedule
     embeds: Any = None

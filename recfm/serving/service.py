@@ -172,40 +172,77 @@ class Service:
         values = {"history": hist, "query": query or "item"}
         return fill(tpl, values, answer=False)
 
-    @torch.no_grad()
-    def recommend(self, history: list, k: int = 10, exclude_seen: bool = True, allowed_items: list[str] | None = None,
-                  template: str = "next-1") -> list[tuple[str, float]]:
-        """Top-k items for a history by the full-ranking head, in one forward pass (semantic ids: a
-        beam over the trie). Runs on the engine thread (see AsyncEngine.call)."""
-        from ..foundation.generation import beam_items
-
-        messages = self.history_messages(history, template)
-        prompt, _ = self.prompt(messages)
-        model, items = self.model, self.tok.items
-        seen = {h if isinstance(h, str) else h["item_id"] for h in history} if exclude_seen else set()
-        ids = torch.tensor([prompt.token_ids])
-        pix = None
-        if prompt.images:
-            pix = model.model.normalize_pixels(torch.stack([px if px is not None else self.item_images(ref.removeprefix("item:"))
-                                                            for _, ref, px in prompt.images]))
+    def recommend_request(self, history: list, k: int = 10, exclude_seen: bool = True,
+                          allowed_items: list[str] | None = None, template: str = "next-1"):
+        """(prompt, scorer) for a top-k request that runs through the engine: when the prompt is
+        computed, the scorer ranks the whole catalogue from the answer position in the same pass
+        (atomic ids: the item tokens' logits; content ids: the ranking head against every item's
+        content vector) and returns [(item_id, score)], best first. Semantic ids have no full-ranking
+        head (see `recommend`)."""
+        cfg, items = self.model.config, self.tok.items
+        if cfg.item_mode == "semantic":
+            raise ValueError("semantic ids are ranked by a beam over the trie: use recommend()")
+        prompt, _ = self.prompt(self.history_messages(history, template))
+        excluded = [items.index(h if isinstance(h, str) else h["item_id"]) for h in history] if exclude_seen else []
+        allowed = None
         if allowed_items is not None:
             for i in allowed_items:
                 self.check_item(i, "allowed_items")
-        if model.config.item_mode == "semantic":
-            found = beam_items(model, items, ids, k=k + len(seen), pixel_values=pix, end_token_id=self.end_id)[0]
-            found = [i for i in found if i not in seen and (allowed_items is None or i in allowed_items)]
-            return [(i, float(-r)) for r, i in enumerate(found[:k])]
-        content = torch.tensor([i for _, i in prompt.content], dtype=torch.long) if prompt.content else None
-        scores = model.score_items(ids, None, pix, content)[0]
-        if seen:
-            scores[[items.index(i) for i in seen]] = float("-inf")
+            allowed = torch.tensor([items.index(i) for i in allowed_items], dtype=torch.long)
+
+        @torch.no_grad()
+        def scorer(hidden: torch.Tensor, logits: torch.Tensor) -> list[tuple[str, float]]:
+            if cfg.item_mode == "atomic":
+                scores = logits[cfg.item_token_offset : cfg.item_token_offset + cfg.n_items].float().clone()
+            else:
+                scores = (self.model.item_head(hidden) @ self.catalogue_vectors().T).float()
+            if excluded:
+                scores[excluded] = float("-inf")
+            if allowed is not None:
+                keep = torch.full_like(scores, float("-inf"))
+                keep[allowed] = scores[allowed]
+                scores = keep
+            top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
+            return [(items.item_id(int(i)), float(v)) for v, i in zip(top.values, top.indices)]
+
+        return prompt, scorer
+
+    def catalogue_vectors(self) -> torch.Tensor:
+        """Content mode: every item's vector, computed once (the weights do not change while serving)."""
+        if getattr(self, "_catalogue_vectors", None) is None:
+            with torch.no_grad():
+                self._catalogue_vectors = self.model.model.item_embeddings()
+        return self._catalogue_vectors
+
+    @torch.no_grad()
+    def recommend(self, history: list, k: int = 10, exclude_seen: bool = True, allowed_items: list[str] | None = None,
+                  template: str = "next-1") -> list[tuple[str, float]]:
+        """Top-k items for a history, on the calling thread: through the engine (one request) for
+        atomic and content ids, by a beam over the trie for semantic ids."""
+        from ..foundation.generation import beam_items
+
+        if self.model.config.item_mode != "semantic":
+            prompt, scorer = self.recommend_request(history, k, exclude_seen, allowed_items, template)
+            rid = f"rec-{id(prompt)}"
+            self.engine.add_request(rid, prompt, SamplingParams(max_tokens=1), scorer=scorer)
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid and out.finished:
+                        return out.result
+        messages = self.history_messages(history, template)
+        prompt, _ = self.prompt(messages)
+        seen = {h if isinstance(h, str) else h["item_id"] for h in history} if exclude_seen else set()
+        pix = None
+        if prompt.images:
+            pix = self.model.model.normalize_pixels(torch.stack([px if px is not None else self.item_images(ref.removeprefix("item:"))
+                                                                 for _, ref, px in prompt.images]))
         if allowed_items is not None:
-            keep = torch.full_like(scores, float("-inf"))
-            idx = [items.index(i) for i in allowed_items]
-            keep[idx] = scores[idx]
-            scores = keep
-        top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
-        return [(items.item_id(int(i)), float(s)) for s, i in zip(top.values, top.indices)]
+            for i in allowed_items:
+                self.check_item(i, "allowed_items")
+        found = beam_items(self.model, self.tok.items, torch.tensor([prompt.token_ids]), k=k + len(seen), pixel_values=pix,
+                           end_token_id=self.end_id)[0]
+        found = [i for i in found if i not in seen and (allowed_items is None or i in allowed_items)]
+        return [(i, float(-r)) for r, i in enumerate(found[:k])]
 
 
 def _bare_context(tok, cfg, max_tokens):

@@ -1,0 +1,354 @@
+"""Serving speed: `recfm serve` over HTTP against transformers' `generate` on the same weights.
+
+Workloads (seeded, identical for every system):
+- random: prompts of --input-len random text tokens, --output-len output tokens each (ignore_eos),
+  --requests requests, sent over HTTP at concurrency 1, 16 and unbounded (all at once);
+- mixed: prompt lengths uniform in [32, 256] and output lengths uniform in [32, 256], unbounded;
+- recommendations: real MovieLens 100K histories (each test user's last 20 training items) to
+  POST /v1/recommendations at concurrency 16 (only when the run's domain is MovieLens).
+
+The client streams (`/v1/completions`, token-id prompts, stream_options.include_usage), so time to
+first token (TTFT) and time per output token after it (TPOT) are measured per request at the client.
+The server runs in its own process (`python -m recfm.cli serve`); its peak RSS comes from
+/proc/PID/status. After it stops, the same weights are loaded here for the baselines:
+`generate` one request at a time (on the first --hf-requests requests), and static batches of 16 and
+64 padded on the left (for the mixed workload, a batch runs until its longest answer is done; only
+the tokens each request asked for count).
+
+    python benchmarks/serve_bench.py                       # the MovieLens run if cached, else --run
+    python benchmarks/serve_bench.py --run runs/quickstart/run --requests 64
+
+Prints a table and writes benchmarks/results/serve_bench.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, markdown_table, write  # noqa: E402
+
+DEFAULT_RUN = Path.home() / ".cache/recfm/bench/ml-100k/early-atomic-s0"
+
+
+# --- workloads -----------------------------------------------------------------------------------
+
+
+def random_workload(vocab: tuple[int, int], n: int, input_len: int, output_len: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": [rng.randrange(*vocab) for _ in range(input_len)], "max_tokens": output_len} for _ in range(n)]
+
+
+def mixed_workload(vocab: tuple[int, int], n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed + 1)
+    return [{"prompt": [rng.randrange(*vocab) for _ in range(rng.randint(32, 256))], "max_tokens": rng.randint(32, 256)}
+            for _ in range(n)]
+
+
+# --- the HTTP client -----------------------------------------------------------------------------
+
+
+async def one_request(client, url: str, model: str, req: dict) -> dict:
+    body = {"model": model, "prompt": req["prompt"], "max_tokens": req["max_tokens"], "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices"):
+                if first is None:
+                    first = time.perf_counter()
+            elif chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return {"ttft": first - t0, "tpot": (end - first) / max(tokens - 1, 1), "tokens": tokens, "latency": end - t0}
+
+
+async def run_load(url: str, model: str, work: list[dict], concurrency: int) -> dict:
+    import httpx
+
+    limit = concurrency or len(work)
+    sem = asyncio.Semaphore(limit)
+    async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=limit + 4)) as client:
+        async def go(req):
+            async with sem:
+                return await one_request(client, url, model, req)
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(go(r) for r in work))
+        wall = time.perf_counter() - t0
+    return summarize(results, wall)
+
+
+def summarize(results: list[dict], wall: float) -> dict:
+    def stats(key):
+        xs = sorted(r[key] for r in results if r.get(key) is not None)
+        if not xs:
+            return {}
+        return {"mean": statistics.fmean(xs), "median": statistics.median(xs), "p99": xs[min(len(xs) - 1, int(0.99 * len(xs)))]}
+
+    tokens = sum(r["tokens"] for r in results)
+    return {"requests": len(results), "wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall,
+            "req_s": len(results) / wall, "ttft_s": stats("ttft"), "tpot_s": stats("tpot"), "latency_s": stats("latency")}
+
+
+async def run_recs(url: str, model: str, histories: list[list[str]], concurrency: int) -> dict:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=None) as client:
+        async def go(h):
+            async with sem:
+                t0 = time.perf_counter()
+                r = await client.post(url + "/v1/recommendations", json={"model": model, "history": h, "k": 10})
+                r.raise_for_status()
+                return {"latency": time.perf_counter() - t0, "tokens": 0}
+
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(go(h) for h in histories))
+        wall = time.perf_counter() - t0
+    return summarize(res, wall)
+
+
+# --- the server process --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, run: Path, extra: list[str]):
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "recfm.cli", "serve", str(run), "--port", str(self.port), *extra],
+                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError("recfm serve exited:\n" + self.proc.stdout.read())
+            time.sleep(0.1)
+        self.startup_s = time.perf_counter() - t0
+        self.model = httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# --- transformers baselines ----------------------------------------------------------------------
+
+
+def hf_one_at_a_time(model, work: list[dict]) -> dict:
+    import torch
+
+    results = []
+    t0 = time.perf_counter()
+    for req in work:
+        ids = torch.tensor([req["prompt"]])
+        s = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=req["max_tokens"],
+                             min_new_tokens=req["max_tokens"], do_sample=False, pad_token_id=0)
+        lat = time.perf_counter() - s
+        results.append({"tokens": out.shape[1] - ids.shape[1], "latency": lat})
+    return summarize(results, time.perf_counter() - t0)
+
+
+def hf_static(model, work: list[dict], batch: int) -> dict:
+    import torch
+
+    results = []
+    t0 = time.perf_counter()
+    for i in range(0, len(work), batch):
+        chunk = work[i : i + batch]
+        width = max(len(r["prompt"]) for r in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for b, r in enumerate(chunk):
+            ids[b, width - len(r["prompt"]) :] = torch.tensor(r["prompt"])
+            mask[b, width - len(r["prompt"]) :] = 1
+        longest = max(r["max_tokens"] for r in chunk)
+        s = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                       pad_token_id=0)
+        lat = time.perf_counter() - s
+        results += [{"tokens": r["max_tokens"], "latency": lat} for r in chunk]
+    return summarize(results, time.perf_counter() - t0)
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def movielens_histories(run: Path, n: int) -> list[list[str]]:
+    from recfm.data import leave_one_out
+    from recfm.data.domain import Domain
+
+    info = json.loads((run / "run.json").read_text())
+    domain = Domain(info["domain"])
+    if "movielens" not in json.dumps(domain.meta).lower():
+        return []
+    split = leave_one_out(domain)
+    return [list(s["item_ids"][-20:]) for s in split.train.select(range(min(n, len(split.train))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, default=DEFAULT_RUN, help="a trained run folder")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--concurrency", default="1,16,0", help="comma-separated; 0 = unbounded")
+    ap.add_argument("--hf-requests", type=int, default=16, help="requests for one-at-a-time generate")
+    ap.add_argument("--rec-requests", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="each number is the median run of this many")
+    ap.add_argument("--server-args", default="", help="extra arguments for recfm serve")
+    ap.add_argument("--name", default="serve_bench")
+    args = ap.parse_args()
+    if not (args.run / "config.json").exists():
+        sys.exit(f"{args.run} is not a run folder; train one (recfm quickstart) and pass --run")
+
+    from recfm.tokenizers.text import load_text_tokenizer
+
+    tok = load_text_tokenizer(args.run)
+    vocab = (32, tok.vocab_size)  # plain BPE tokens, no special or item tokens
+    rand = random_workload(vocab, args.requests, args.input_len, args.output_len, args.seed)
+    mixed = mixed_workload(vocab, args.requests, args.seed)
+    conc = [int(c) for c in args.concurrency.split(",")]
+    rows, data = [], {"settings": vars(args) | {"run": str(args.run)}, "machine": machine(), "results": {}}
+
+    runs: dict[str, list[dict]] = {}
+
+    def record(key: str, r: dict) -> None:
+        runs.setdefault(key, []).append(r)
+        print(f"{key:>45}: {r['output_tok_s']:8.1f} tok/s  {r['req_s']:6.2f} req/s", flush=True)
+
+    import torch
+
+    import recfm.foundation  # noqa: F401
+    from recfm.foundation import RecFMForCausalLM
+
+    histories = movielens_histories(args.run, args.rec_requests)
+    startups, peaks = [], []
+    for rep in range(args.repeats):  # each repeat: the server, then the baselines, so drift hits both alike
+        print(f"--- repeat {rep + 1}/{args.repeats}", flush=True)
+        server = ServerProcess(args.run, args.server_args.split())
+        startups.append(server.startup_s)
+        print(f"recfm serve started in {server.startup_s:.1f} s", flush=True)
+        try:
+            asyncio.run(run_load(server.url, server.model, rand[:4], 4))  # warm-up
+            for c in conc:
+                record(f"recfm serve|random|{c or 'unbounded'}", asyncio.run(run_load(server.url, server.model, rand, c)))
+            record("recfm serve|mixed|16", asyncio.run(run_load(server.url, server.model, mixed, 16)))
+            record("recfm serve|mixed|unbounded", asyncio.run(run_load(server.url, server.model, mixed, 0)))
+            if histories:
+                record("recfm serve|recommendations|16", asyncio.run(run_recs(server.url, server.model, histories, 16)))
+            peaks.append(server.peak_rss_mib())
+        finally:
+            server.stop()
+        # transformers generate on the same weights, in this process (the server has stopped)
+        model = RecFMForCausalLM.from_pretrained(args.run, dtype=torch.float32).eval()
+        with torch.no_grad():
+            model.generate(input_ids=torch.tensor([rand[0]["prompt"][:8]]), max_new_tokens=2, pad_token_id=0)  # warm-up
+            record("generate one-at-a-time|random|1", hf_one_at_a_time(model, rand[: args.hf_requests]))
+            for b in (16, 64):
+                record(f"generate static batch {b}|random|{b}", hf_static(model, rand, b))
+                record(f"generate static batch {b}|mixed|{b}", hf_static(model, mixed, b))
+        del model
+
+    def median_run(rs: list[dict]) -> dict:
+        return sorted(rs, key=lambda r: r["req_s"])[len(rs) // 2] | {"repeats_output_tok_s": [r["output_tok_s"] for r in rs]}
+
+    data["server"] = {"startup_s": statistics.median(startups), "peak_rss_mib": max(peaks) if peaks else float("nan")}
+    for key, rs in runs.items():
+        r = median_run(rs)
+        data["results"][key] = r
+        system, workload, c = key.split("|")
+        if workload == "recommendations":
+            continue
+        rows.append([system, workload, c, r["requests"], r["output_tok_s"], r["req_s"],
+                     r["ttft_s"]["mean"] * 1e3 if r["ttft_s"] else "n/a", r["ttft_s"]["p99"] * 1e3 if r["ttft_s"] else "n/a",
+                     r["tpot_s"]["mean"] * 1e3 if r["tpot_s"] else "n/a", r["latency_s"]["median"]])
+
+    res = data["results"]
+    base = res["generate one-at-a-time|random|1"]["output_tok_s"]
+    ratios = {k: v["output_tok_s"] / base for k, v in res.items() if v["output_tokens"]}
+    data["ratio_to_one_at_a_time"] = ratios
+    header = ["system", "workload", "concurrency", "requests", "output tok/s", "req/s", "TTFT mean ms", "TTFT p99 ms",
+              "TPOT mean ms", "latency median s"]
+    md = [f"# Serving speed ({args.run.name}, {time.strftime('%Y-%m-%d')})", "",
+          f"Machine: {data['machine']['cpu']}, {data['machine']['cpu_count']} cores, torch {data['machine']['torch']} "
+          f"({data['machine']['torch_cpu_capability']}), {data['machine']['torch_threads']} threads. fp32 weights and KV cache.",
+          f"Random workload: {args.requests} requests, {args.input_len} prompt tokens, {args.output_len} output tokens "
+          f"(ignore_eos); mixed: prompts 32-256, outputs 32-256 tokens. One-at-a-time generate ran the first "
+          f"{args.hf_requests} requests. Each row is the median of {args.repeats} runs (server and baselines alternate). "
+          f"recfm serve started in {data['server']['startup_s']:.1f} s, peak RSS "
+          f"{data['server']['peak_rss_mib']:.0f} MiB.", "", markdown_table(header, rows), "",
+          "Output tokens/s as a multiple of one-at-a-time generate:", ""]
+    md += [f"- {k.replace('|', ' / ')}: {v:.1f}x" for k, v in ratios.items()]
+    if "recfm serve|recommendations|16" in res:
+        r = res["recfm serve|recommendations|16"]
+        md += ["", f"Recommendations (real MovieLens histories of 20 items, full ranking over the catalogue, concurrency 16): "
+               f"{r['req_s']:.1f} req/s, latency median {r['latency_s']['median'] * 1e3:.0f} ms, p99 {r['latency_s']['p99'] * 1e3:.0f} ms."]
+    path = write(args.name, "\n".join(md), data)
+    plot(data, path.with_suffix(".png"))
+    print("\n".join(md))
+
+
+def plot(data: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = [(k.replace("|", "\n"), v["output_tok_s"]) for k, v in data["results"].items() if v.get("output_tokens")]
+    fig, ax = plt.subplots(figsize=(max(6, len(items) * 1.1), 4))
+    ax.bar(range(len(items)), [v for _, v in items], color=["tab:blue" if k.startswith("recfm") else "tab:gray" for k, _ in items])
+    ax.set_xticks(range(len(items)), [k for k, _ in items], fontsize=6)
+    ax.set_ylabel("output tokens / s")
+    ax.set_title("recfm serve vs transformers generate (same weights, same machine)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
