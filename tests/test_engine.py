@@ -332,3 +332,13 @@ def test_prefix_keys_include_images(atomic):
     first_image_block = p.images[0][0] // 8
     assert eng.blocks.hits - hits == first_image_block * 8
     np.testing.assert_equal(eng.blocks.num_used, 0)
+
+
+def test_bf16_weights_and_cache(small_default, tiny_tokenizers, rows):
+    s = Setup(small_default, tiny_tokenizers, rows[:3], "atomic", "early", seed=2)
+    s.model.to(torch.bfloat16)
+    want = [s.reference(e, n_new=6) for e in s.encoded]
+    eng = s.engine()
+    assert eng.runner.cache.k[0].dtype == torch.bfloat16
+    got = outputs(eng, s.prompts, SamplingParams(max_tokens=6, temperature=0))
+    assert got == want

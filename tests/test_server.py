@@ -187,6 +187,18 @@ def test_sse_wire_format_ends_with_done(client, items):
     assert json.loads(lines[1][6:])["object"] == "chat.completion.chunk"
 
 
+def test_plain_curl_works(server, items):
+    import shutil
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    body = json.dumps({"messages": history_message(items), "max_tokens": 3, "stream": True})
+    out = subprocess.run(["curl", "-sN", server.url + "/v1/chat/completions", "-H", "Content-Type: application/json",
+                          "-d", body], capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in out.stdout.splitlines() if ln]
+    assert lines[-1] == "data: [DONE]" and len(lines) >= 4
+
+
 def test_sampling_options_seed_n_logprobs(oai, items):
     messages = history_message(items)
     kw = dict(model="tiny-run", messages=messages, max_tokens=6, temperature=1.0, top_p=0.9, seed=11, n=3)
@@ -406,3 +418,14 @@ def test_recfm_serve_command_answers_the_openai_client(run_dir, items):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_recfm_chat_attaches_items_and_answers(run_dir, items):
+    script = f"/item {items[0]}\n/item no-such-item\nWhich item will the user interact with next?\n/quit\n"
+    out = subprocess.run([sys.executable, "-m", "recfm.cli", "chat", str(run_dir), "--max-tokens", "6"], input=script,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert f"attached item {items[0]}" in out.stdout
+    assert "unknown item 'no-such-item'" in out.stderr
+    answer = [ln for ln in out.stdout.splitlines() if ln.startswith("recfm> ")]
+    assert len(answer) == 1 and len(answer[0]) > len("recfm> ")
