@@ -20,6 +20,7 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 SOURCES = ("movielens", "amazon-reviews", "generic", "default")
+_QUANT = typer.Option("none", help="weights: none, bf16, int8, nf4 or fp4 (see recfm/serving/quantization.py)")
 
 
 def _fail(message: str) -> None:
@@ -236,12 +237,17 @@ def eval_(
     output: Optional[Path] = typer.Option(None, help="where eval.json and eval.png go (default RUN/eval)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
     seed: int = typer.Option(0, help="seed for negatives and image sampling"),
+    quantization: str = _QUANT,
 ):
     """Evaluate every task family against baselines; writes JSON and a PNG plot."""
     from recfm.eval.report import print_report
     from recfm.eval.runner import evaluate, save_report
 
-    report = evaluate(run, data, tasks=tasks.split(",") if tasks else None, stage=stage, max_users=max_users, seed=seed)
+    try:
+        report = evaluate(run, data, tasks=tasks.split(",") if tasks else None, stage=stage, max_users=max_users, seed=seed,
+                          quantization=quantization)
+    except ValueError as e:
+        _fail(str(e))
     out = save_report(report, output or run / "eval")
     if as_json:
         print(json.dumps({k: v for k, v in report.items() if k != "per_example"}, indent=2, default=float))
@@ -311,7 +317,7 @@ def _engine_config(block_size: int, kv_cache_mb: int, max_num_seqs: int, max_bat
 
 
 def _load_service(run: Path, data: Optional[Path], dtype: str, engine_config, model_id: Optional[str] = None,
-                  allowed_image_dirs: Optional[list[Path]] = None):
+                  allowed_image_dirs: Optional[list[Path]] = None, quantization: str = "none"):
     import torch
 
     from recfm.serving.service import Service
@@ -321,7 +327,7 @@ def _load_service(run: Path, data: Optional[Path], dtype: str, engine_config, mo
         _fail(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
     try:
         return Service(run, data, engine_config, dtype=dtypes[dtype], model_id=model_id,
-                       allowed_image_dirs=allowed_image_dirs or [])
+                       allowed_image_dirs=allowed_image_dirs or [], quantization=quantization)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
 
@@ -352,6 +358,7 @@ def serve(
     max_waiting: int = typer.Option(256, help="requests allowed to wait; more get 429"),
     no_prefix_caching: bool = typer.Option(False, help="turn prefix caching off"),
     allowed_image_dir: Optional[list[Path]] = typer.Option(None, help="a folder image_url parts may name files in (repeatable)"),
+    quantization: str = _QUANT,
 ):
     """Serve a run over HTTP: OpenAI-compatible chat/completions, recommendations, image generation."""
     import time
@@ -362,10 +369,11 @@ def serve(
 
     t0 = time.perf_counter()
     cfg = _engine_config(block_size, kv_cache_mb, max_num_seqs, max_batched_tokens, max_model_len, not no_prefix_caching)
-    service = _load_service(run, data, dtype, cfg, model_id, allowed_image_dir)
+    service = _load_service(run, data, dtype, cfg, model_id, allowed_image_dir, quantization)
     app_ = build_app(service, api_key=api_key, max_waiting=max_waiting)
     eng = service.engine
-    console.print(f"serving [bold]{service.model_id}[/] ({service.model.config.item_mode} ids, {len(service.catalogue)} items) "
+    console.print(f"serving [bold]{service.model_id}[/] ({service.model.config.item_mode} ids, {len(service.catalogue)} items, "
+                  f"weights {service.quantization['option']}) "
                   f"on http://{host}:{port}  ·  KV cache {eng.blocks.num_blocks} blocks x {eng.blocks.block_size} tokens "
                   f"({eng.runner.cache.nbytes / 2**20:.0f} MiB)  ·  loaded in {time.perf_counter() - t0:.1f} s", highlight=False)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
@@ -378,6 +386,7 @@ def chat(
     max_tokens: int = typer.Option(128, help="longest answer"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     dtype: str = _DTYPE,
+    quantization: str = _QUANT,
 ):
     """Chat with a run in the terminal. Lines starting with /item ID or /image PATH attach an item or
     an image to your next message; /reset starts over; /quit (or end of input) leaves."""
@@ -386,7 +395,8 @@ def chat(
     from recfm.serving.sequence import ParamError, SamplingParams
     from recfm.serving.service import BadInput
 
-    service = _load_service(run, data, dtype, _engine_config(16, 64, 4, 512, None), allowed_image_dirs=[Path("/")])
+    service = _load_service(run, data, dtype, _engine_config(16, 64, 4, 512, None), allowed_image_dirs=[Path("/")],
+                            quantization=quantization)
     eng = service.engine
     console.print(f"chatting with [bold]{service.model_id}[/]: {len(service.catalogue)} items. "
                   "/item ID, /image PATH, /reset, /quit", highlight=False)

@@ -27,15 +27,16 @@ RANK_K = 20
 class LoadedRun:
     """A trained run folder, ready to answer prompts about a domain."""
 
-    def __init__(self, run_dir: str | Path, domain, max_tokens: int = 1024, dtype: torch.dtype | None = None):
-        from ..foundation import RecFMForCausalLM
+    def __init__(self, run_dir: str | Path, domain, max_tokens: int = 1024, dtype: torch.dtype | None = None,
+                 quantization: str = "none"):
+        from ..serving.quantization import load_quantized
         from ..tokenizers.bundle import Tokenizers
         from ..training.collate import Collator, ItemImages, render_context
 
         self.run_dir = Path(run_dir)
         self.domain = domain
         self.tok = Tokenizers(self.run_dir)
-        self.model = RecFMForCausalLM.from_pretrained(self.run_dir, dtype=dtype or torch.float32).eval()
+        self.model = load_quantized(self.run_dir, quantization, dtype=dtype or torch.float32)
         cfg = self.model.config
         self.images = ItemImages(domain, cfg.vision_config.image_size) if cfg.vision_config is not None else None
         self.ctx = render_context(self.tok, domain, cfg, max_tokens)
@@ -219,14 +220,15 @@ def _by_template(rows, values, fn) -> dict:
 
 
 def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str = "test", max_users: int | None = None,
-             templates: str = "first", batch_size: int = 16, seed: int = 0, progress: bool = True) -> dict:
+             templates: str = "first", batch_size: int = 16, seed: int = 0, progress: bool = True,
+             quantization: str = "none") -> dict:
     """Metrics of every task (seen vs held-out templates) and the baselines, as a dict."""
     from ..data import leave_one_out, load_domain
     from ..instructions.examples import TASKS, build_eval_examples
 
     domain = load_domain(domain_dir)
     split = leave_one_out(domain)
-    run = LoadedRun(run_dir, domain)
+    run = LoadedRun(run_dir, domain, quantization=quantization)
     tasks = list(tasks or TASKS)
     if run.tok.vq is None or run.model.config.image_codebook_size == 0:
         tasks = [t for t in tasks if t != "image_generation"]

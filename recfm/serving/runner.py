@@ -40,9 +40,9 @@ class ModelRunner:
         self.lm = model.model.language_model
         self.lm.config._attn_implementation = attention.register()
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        dtype = next(self.lm.parameters()).dtype
-        device = next(self.lm.parameters()).device
-        self.device = device
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        device = self.lm.get_input_embeddings().weight.device
+        self.device, self.dtype = device, dtype
         self.cache = KVCache(tc.num_hidden_layers, num_blocks, block_size, tc.num_key_value_heads, head_dim, dtype, device)
         self.block_size = block_size
         self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -68,7 +68,7 @@ class ModelRunner:
             return
         cfg, prompt = self.cfg, req.prompt
         d = cfg.text_config.hidden_size
-        dtype = next(self.lm.parameters()).dtype
+        dtype = self.dtype
         positions, vectors = [], []
         feats = self.image_features(prompt.images) if prompt.images else None
         if feats is not None and cfg.fusion == "early":
@@ -110,7 +110,7 @@ class ModelRunner:
             out.append(self.image_cache[k])
         while len(self.image_cache) > self.image_cache_size:
             self.image_cache.popitem(last=False)
-        return torch.stack(out).to(next(self.lm.parameters()).dtype)
+        return torch.stack(out).to(self.dtype)
 
     # --- one step -------------------------------------------------------------------------------
 

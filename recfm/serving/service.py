@@ -31,7 +31,7 @@ class BadInput(ValueError):
 class Service:
     def __init__(self, run_dir: str | Path, data: str | Path | None = None, engine_config: EngineConfig | None = None,
                  dtype: torch.dtype = torch.float32, model_id: str | None = None, max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                 allowed_image_dirs: list[str | Path] = ()):
+                 allowed_image_dirs: list[str | Path] = (), quantization: str = "none"):
         from ..data.domain import Domain
         from ..foundation import RecFMForCausalLM
         from ..tokenizers.bundle import Tokenizers
@@ -42,6 +42,9 @@ class Service:
             raise FileNotFoundError(f"{self.run_dir} is not a recfm run folder: it has no config.json")
         self.model_id = model_id or self.run_dir.name
         self.tok = Tokenizers(self.run_dir)
+        from .quantization import check
+
+        check(quantization)  # before anything is loaded: an option this machine cannot run fails here
         self.model = RecFMForCausalLM.from_pretrained(self.run_dir, dtype=dtype).eval()
         cfg = self.model.config
         if data is None:
@@ -56,6 +59,11 @@ class Service:
         self.catalogue = {k: v for k, v in self.catalogue.items() if k in self.tok.items._index} or self.catalogue
         if cfg.item_mode == "content" and self.domain is not None:
             content_catalogue(self.model, self.tok, self.domain, self.item_images)
+        self.quantization = {"option": "none"}
+        if quantization != "none":  # after the content catalogue is in: it is read in full precision
+            from .quantization import quantize
+
+            self.quantization = quantize(self.model, quantization)
         self.engine = Engine(self.model, self.tok.text, engine_config)
         self.ctx = render_context(self.tok, self.domain, cfg, self.engine.max_model_len - 1) if self.domain is not None \
             else _bare_context(self.tok, cfg, self.engine.max_model_len - 1)
