@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, write  # noqa: E402
 
 DEFAULT_RUN = Path.home() / ".cache/recfm/bench/ml-100k/early-atomic-s0"
+PEERS = ROOT.parent / "shared" / "peers" / "vllm-cpu"
 
 
 # --- workloads -----------------------------------------------------------------------------------
@@ -140,22 +141,28 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, run: Path, extra: list[str]):
+    """A server command started in its own process; ready when GET /health answers 200."""
+
+    def __init__(self, run: Path | None, extra: list[str], command: list[str] | None = None, timeout: float = 600,
+                 port: int | None = None, env: dict | None = None):
         import httpx
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        cmd = command or [sys.executable, "-m", "recfm.cli", "serve", str(run), "--port", str(self.port), *extra]
+        self.log = open(ROOT / "benchmarks/results/.server.log", "w")
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "recfm.cli", "serve", str(run), "--port", str(self.port), *extra],
-                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
         while True:
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            if self.proc.poll() is not None:
-                raise RuntimeError("recfm serve exited:\n" + self.proc.stdout.read())
+            if self.proc.poll() is not None or time.perf_counter() - t0 > timeout:
+                self.stop()
+                raise RuntimeError("the server did not come up:\n" + (ROOT / "benchmarks/results/.server.log").read_text()[-3000:])
             time.sleep(0.1)
         self.startup_s = time.perf_counter() - t0
         self.model = httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
@@ -167,11 +174,34 @@ class ServerProcess:
         return float("nan")
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def vllm_bench_client(url: str, model: str, tokenizer_dir: Path, args) -> dict:
+    """vLLM's own benchmark client (`vllm bench serve`, random 128/128, 64 prompts, unbounded) against
+    a server; returns its result JSON, or the error it ended with."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [str(Path(args.peer_venv) / "bin/python"), str(PEERS / "vllm_cli.py"), "bench", "serve", "--backend", "openai",
+               "--base-url", url, "--endpoint", "/v1/completions", "--model", str(tokenizer_dir), "--served-model-name", model,
+               "--dataset-name", "random", "--random-input-len", str(args.input_len), "--random-output-len",
+               str(args.output_len), "--ignore-eos", "--num-prompts", str(args.requests), "--request-rate", "inf",
+               "--save-result", "--result-dir", out]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        files = list(Path(out).glob("*.json"))
+        if r.returncode != 0 or not files:
+            return {"ok": False, "error": (r.stdout + r.stderr)[-2000:]}
+        res = json.loads(files[0].read_text())
+        keep = ("completed", "total_output_tokens", "output_throughput", "request_throughput", "mean_ttft_ms",
+                "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms")
+        return {"ok": True, **{k: res.get(k) for k in keep}}
 
 
 # --- transformers baselines ----------------------------------------------------------------------
@@ -242,6 +272,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="each number is the median run of this many")
     ap.add_argument("--server-args", default="", help="extra arguments for recfm serve")
     ap.add_argument("--name", default="serve_bench")
+    ap.add_argument("--quantizations", default="none", help="recfm serve runs, comma-separated --quantization values")
+    ap.add_argument("--peer", choices=["vllm"], default=None, help="also run vLLM (CPU) on a Llama export of the same weights")
+    ap.add_argument("--peer-venv", default=str(Path.home() / ".cache/recfm-peers/vllm-cpu"),
+                    help="the virtualenv ../shared/peers/vllm-cpu/setup.sh made")
     args = ap.parse_args()
     if not (args.run / "config.json").exists():
         sys.exit(f"{args.run} is not a run folder; train one (recfm quickstart) and pass --run")
@@ -267,23 +301,51 @@ def main() -> None:
     from recfm.foundation import RecFMForCausalLM
 
     histories = movielens_histories(args.run, args.rec_requests)
-    startups, peaks = [], []
+    startups, peaks, peer_startups, peer_peaks = [], [], [], []
+    export = None
+    if args.peer == "vllm":
+        from recfm.foundation.export import export_text_model
+
+        export = Path.home() / ".cache/recfm/bench/export" / args.run.name
+        if not (export / "config.json").exists():
+            export_text_model(args.run, export)
     for rep in range(args.repeats):  # each repeat: the server, then the baselines, so drift hits both alike
         print(f"--- repeat {rep + 1}/{args.repeats}", flush=True)
-        server = ServerProcess(args.run, args.server_args.split())
-        startups.append(server.startup_s)
-        print(f"recfm serve started in {server.startup_s:.1f} s", flush=True)
-        try:
-            asyncio.run(run_load(server.url, server.model, rand[:4], 4))  # warm-up
-            for c in conc:
-                record(f"recfm serve|random|{c or 'unbounded'}", asyncio.run(run_load(server.url, server.model, rand, c)))
-            record("recfm serve|mixed|16", asyncio.run(run_load(server.url, server.model, mixed, 16)))
-            record("recfm serve|mixed|unbounded", asyncio.run(run_load(server.url, server.model, mixed, 0)))
-            if histories:
-                record("recfm serve|recommendations|16", asyncio.run(run_recs(server.url, server.model, histories, 16)))
-            peaks.append(server.peak_rss_mib())
-        finally:
-            server.stop()
+        for q in args.quantizations.split(","):
+            label = "recfm serve" + ("" if q == "none" else f" {q}")
+            server = ServerProcess(args.run, [*args.server_args.split(), "--quantization", q])
+            startups.append(server.startup_s)
+            print(f"{label} started in {server.startup_s:.1f} s", flush=True)
+            try:
+                asyncio.run(run_load(server.url, server.model, rand[:4], 4))  # warm-up
+                for c in conc:
+                    record(f"{label}|random|{c or 'unbounded'}", asyncio.run(run_load(server.url, server.model, rand, c)))
+                record(f"{label}|mixed|16", asyncio.run(run_load(server.url, server.model, mixed, 16)))
+                record(f"{label}|mixed|unbounded", asyncio.run(run_load(server.url, server.model, mixed, 0)))
+                if histories and q == "none":
+                    record("recfm serve|recommendations|16", asyncio.run(run_recs(server.url, server.model, histories, 16)))
+                if q == "none":
+                    peaks.append(server.peak_rss_mib())
+                if args.peer == "vllm" and rep == args.repeats - 1 and q == "none":
+                    data["vllm_bench_client_on_recfm"] = vllm_bench_client(server.url, server.model, export, args)
+            finally:
+                server.stop()
+        if args.peer == "vllm":
+            peer = ServerProcess(None, [], command=["bash", str(PEERS / "serve.sh"), str(export), "0", args.peer_venv],
+                                 timeout=900, port=None)
+            peer_startups.append(peer.startup_s)
+            print(f"vLLM started in {peer.startup_s:.1f} s", flush=True)
+            try:
+                asyncio.run(run_load(peer.url, peer.model, rand[:4], 4))
+                for c in conc:
+                    record(f"vLLM|random|{c or 'unbounded'}", asyncio.run(run_load(peer.url, peer.model, rand, c)))
+                record("vLLM|mixed|16", asyncio.run(run_load(peer.url, peer.model, mixed, 16)))
+                record("vLLM|mixed|unbounded", asyncio.run(run_load(peer.url, peer.model, mixed, 0)))
+                peer_peaks.append(peer.peak_rss_mib())
+                if rep == args.repeats - 1:
+                    data["vllm_bench_client_on_vllm"] = vllm_bench_client(peer.url, peer.model, export, args)
+            finally:
+                peer.stop()
         # transformers generate on the same weights, in this process (the server has stopped)
         model = RecFMForCausalLM.from_pretrained(args.run, dtype=torch.float32).eval()
         with torch.no_grad():
@@ -298,6 +360,8 @@ def main() -> None:
         return sorted(rs, key=lambda r: r["req_s"])[len(rs) // 2] | {"repeats_output_tok_s": [r["output_tok_s"] for r in rs]}
 
     data["server"] = {"startup_s": statistics.median(startups), "peak_rss_mib": max(peaks) if peaks else float("nan")}
+    if peer_startups:
+        data["vllm"] = {"startup_s": statistics.median(peer_startups), "peak_rss_mib": max(peer_peaks)}
     for key, rs in runs.items():
         r = median_run(rs)
         data["results"][key] = r
@@ -324,6 +388,24 @@ def main() -> None:
           f"{data['server']['peak_rss_mib']:.0f} MiB.", "", markdown_table(header, rows), "",
           "Output tokens/s as a multiple of one-at-a-time generate:", ""]
     md += [f"- {k.replace('|', ' / ')}: {v:.1f}x" for k, v in ratios.items()]
+    if "vllm" in data:
+        md += ["", f"vLLM (vllm-cpu 0.32.0, bf16, defaults of ../shared/peers/vllm-cpu/serve.sh) on `recfm export llama` of the "
+               f"same weights started in {data['vllm']['startup_s']:.0f} s (recfm serve: {data['server']['startup_s']:.1f} s). "
+               "recfm output tokens/s as a multiple of vLLM's, and TTFT as a multiple of vLLM's:", ""]
+        vs = {}
+        for k, v in res.items():
+            system, workload, c = k.split("|")
+            peer = res.get(f"vLLM|{workload}|{c}")
+            if system.startswith("recfm serve") and peer and v["output_tokens"]:
+                vs[k] = {"tok_s": v["output_tok_s"] / peer["output_tok_s"], "ttft": v["ttft_s"]["mean"] / peer["ttft_s"]["mean"]}
+                md.append(f"- {k.replace('|', ' / ')}: {vs[k]['tok_s']:.2f}x tokens/s, {vs[k]['ttft']:.2f}x TTFT")
+        data["ratio_to_vllm"] = vs
+        for who in ("recfm", "vllm"):
+            b = data.get(f"vllm_bench_client_on_{who}")
+            if b:
+                md.append(f"- `vllm bench serve` against {who}: " + (
+                    f"{b['completed']} requests, {b['output_throughput']:.0f} output tok/s, TTFT mean {b['mean_ttft_ms']:.0f} ms, "
+                    f"TPOT mean {b['mean_tpot_ms']:.1f} ms" if b["ok"] else f"failed: {b['error'][-300:]}"))
     if "recfm serve|recommendations|16" in res:
         r = res["recfm serve|recommendations|16"]
         md += ["", f"Recommendations (real MovieLens histories of 20 items, full ranking over the catalogue, concurrency 16): "

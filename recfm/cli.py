@@ -16,6 +16,8 @@ app = typer.Typer(help="recfm: a multimodal foundation model for recommendation.
 data_app = typer.Typer(help="Prepare domains from public formats or your own files, and inspect them.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
+export_app = typer.Typer(help="Export a run's weights for other runtimes.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -254,6 +256,27 @@ def eval_(
     else:
         print_report(report, console)
         console.print(f"wrote {out / 'eval.json'} and {out / 'eval.png'}")
+
+
+@export_app.command("llama")
+def export_llama(
+    run: Path = typer.Argument(..., help="a run folder"),
+    output: Path = typer.Argument(..., help="where the checkpoint goes"),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+):
+    """The text path (decoder + output head + tokenizer) as a plain Llama-family checkpoint, for
+    vLLM or any other runtime; images and content-item vectors do not carry over."""
+    import torch
+
+    from recfm.foundation.export import export_text_model
+
+    if dtype not in ("float32", "bfloat16"):
+        _fail(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    try:
+        out = export_text_model(run, output, getattr(torch, dtype))
+    except (FileNotFoundError, OSError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"wrote {out}")
 
 
 @app.command()

@@ -92,3 +92,24 @@ def test_unrunnable_options_fail_at_start_up(run_dir, monkeypatch):
     out = subprocess.run([sys.executable, "-m", "recfm.cli", "serve", str(run_dir), "--quantization", "fp8"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "unknown quantization 'fp8'" in out.stderr
+
+
+def test_export_llama_computes_what_recfm_computes_on_text(run_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recfm.foundation import RecFMForCausalLM
+
+    out = tmp_path / "llama"
+    r = subprocess.run([sys.executable, "-m", "recfm.cli", "export", "llama", str(run_dir), str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    llama = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(llama).__name__ == "LlamaForCausalLM"
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tok.encode("<|user|>which item next?<|end|><|assistant|>")])
+    recfm = RecFMForCausalLM.from_pretrained(run_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(llama(input_ids=ids).logits, recfm(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        a = llama.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        b = recfm.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert a.tolist() == b.tolist()
