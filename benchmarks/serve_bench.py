@@ -331,8 +331,9 @@ def main() -> None:
             finally:
                 server.stop()
         if args.peer == "vllm":
-            peer = ServerProcess(None, [], command=["bash", str(PEERS / "serve.sh"), str(export), "0", args.peer_venv],
-                                 timeout=900, port=None)
+            port = free_port()
+            peer = ServerProcess(None, [], command=["bash", str(PEERS / "serve.sh"), str(export), str(port), args.peer_venv],
+                                 timeout=900, port=port)
             peer_startups.append(peer.startup_s)
             print(f"vLLM started in {peer.startup_s:.1f} s", flush=True)
             try:
