@@ -37,7 +37,6 @@ from common import machine, markdown_table, write  # noqa: E402
 def measure(run: str, option: str, users: int, out: str) -> None:
     """users = 0: size, memory, speed and greedy agreement only (no ranking/ROUGE evaluation)."""
     """One option, in this (fresh) process; writes a JSON line to `out`."""
-    import torch
 
     from recfm.data import leave_one_out, load_domain
     from recfm.eval.runner import evaluate

@@ -94,7 +94,7 @@ def eval_ranking(run: LoadedRun, rows: list[dict], batch_size: int = 16, progres
                 ranks.append(found.index(r["target"]) if r["target"] in found else len(items))
             continue
         b = run.batch(enc)
-        exclude = [[items.index(i) for i in h if i in items._index] for h in histories]
+        exclude = [[items.index(i) for i in h if i in items] for h in histories]
         scores = run.model.score_items(b["input_ids"], b["attention_mask"], b.get("pixel_values"),
                                        b.get("content_item_ids"), exclude=exclude).numpy()
         targets = np.asarray([items.index(r["target"]) for r in chunk])

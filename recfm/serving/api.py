@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import itertools
 import json
 import time
 import uuid
@@ -25,7 +26,7 @@ from .async_engine import AsyncEngine, EngineDead, QueueFull
 from .engine import RequestOutput
 from .metrics import EngineMetrics
 from .protocol import ChatRequest, CompletionRequest, ImageRequest, Message, RecommendationRequest
-from .sequence import ParamError, SamplingParams
+from .sequence import ParamError, Prompt, SamplingParams
 from .service import BadInput, Service
 
 DEFAULT_MAX_TOKENS = 512
@@ -151,6 +152,9 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
 
     def sampling(body, prompt_len: int, logprobs: int | None) -> SamplingParams:
         room = service.engine.max_model_len - prompt_len
+        if room < 1:
+            raise bad(f"the prompt has {prompt_len} tokens; this model's context is {service.engine.max_model_len} tokens "
+                      "and the answer needs at least one", "prompt")
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or min(DEFAULT_MAX_TOKENS, room)
         if max_tokens > room:
             raise bad(f"max_tokens {max_tokens} + the prompt's {prompt_len} tokens exceed this model's context of "
@@ -167,6 +171,7 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
             raise bad(str(e), e.param) from None
 
     async def outputs(rid: str, prompt, params, scorer=None) -> AsyncIterator[RequestOutput]:
+        """One request's outputs; the engine's refusals become HTTP errors."""
         try:
             async for out in engine.generate(rid, prompt, params, scorer):
                 yield out
@@ -177,29 +182,66 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
         except ParamError as e:
             raise bad(str(e), e.param) from None
 
-    def token_text(t: int) -> str:
-        return tok.decode([t])
+    async def started(events: AsyncIterator) -> AsyncIterator:
+        """Wait for the first event before answering, so that a request the engine refuses gets a status
+        code instead of a stream that breaks; then every event, the first included."""
+        try:
+            head = await events.__anext__()
+        except StopAsyncIteration:
+            head = None
+
+        async def chained():
+            if head is not None:
+                yield head
+                async for x in events:
+                    yield x
+
+        return chained()
+
+    async def collect(events: AsyncIterator) -> tuple[dict, dict]:
+        """Without streaming: each answer's text, token ids, logprobs and finish reason, by (prompt k,
+        answer index), and each prompt's last output (it carries the token counts)."""
+        answers, last = {}, {}
+        async for k, out in events:
+            for o in out.outputs:
+                a = answers.setdefault((k, o.index), {"text": "", "tokens": [], "logprobs": [], "reason": "length"})
+                a["text"] += o.text
+                a["tokens"] += o.token_ids
+                a["logprobs"] += o.logprobs
+                if o.finish_reason:
+                    a["reason"] = o.finish_reason
+            last[k] = out
+        return answers, last
+
+    async def tagged(events: AsyncIterator, k: int = 0) -> AsyncIterator:
+        async for out in events:
+            yield k, out
+
+    EMPTY = {"text": "", "tokens": [], "logprobs": [], "reason": "length"}
+
+    def token_entry(t: int, logprob: float) -> dict:
+        text = tok.decode([t])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     def chat_logprobs(lps) -> dict:
-        return {"content": [{"token": token_text(s.token), "logprob": s.logprob,
-                             "bytes": list(token_text(s.token).encode()),
-                             "top_logprobs": [{"token": token_text(t), "logprob": v, "bytes": list(token_text(t).encode())}
-                                              for t, v in (s.top or [])]} for s in lps]}
+        return {"content": [{**token_entry(s.token, s.logprob), "top_logprobs": [token_entry(t, v) for t, v in (s.top or [])]}
+                            for s in lps]}
 
-    def usage(prompt_tokens: int, completion: int, cached: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+    def completion_logprobs(lps) -> dict:
+        texts = [tok.decode([s.token]) for s in lps]
+        offsets = [0, *itertools.accumulate(len(t) for t in texts)][: len(texts)]
+        return {"tokens": texts, "token_logprobs": [s.logprob for s in lps],
+                "top_logprobs": [{tok.decode([t]): v for t, v in (s.top or [])} for s in lps], "text_offset": offsets}
+
+    def usage(last: dict) -> dict:
+        """Token counts summed over the outputs in `last` (one per prompt)."""
+        prompt = sum(o.prompt_tokens for o in last.values())
+        completion = sum(o.completion_tokens for o in last.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in last.values())}}
 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
-
-    async def first(gen: AsyncIterator):
-        """Pull the first output before answering, so a request refused by the engine gets a status
-        code instead of a stream that breaks."""
-        try:
-            return await gen.__anext__()
-        except StopAsyncIteration:
-            return None
 
     # --- chat -----------------------------------------------------------------------------------
 
@@ -220,9 +262,9 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         gen = outputs(rid, prompt, params)
-        head = await first(gen)
+        events = await started(gen)
 
-        def extras(index: int, token_ids: list[int]) -> dict:
+        def extras(token_ids: list[int]) -> dict:
             if constrain != "item":
                 return {}
             item = service.decode_item(token_ids)
@@ -230,28 +272,15 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
                 if item else {}
 
         if not body.stream:
-            texts = {i: "" for i in range(params.n)}
-            toks = {i: [] for i in range(params.n)}
-            lps = {i: [] for i in range(params.n)}
-            reasons = {}
-            last = head
-            out = head
-            while out is not None:
-                for o in out.outputs:
-                    texts[o.index] += o.text
-                    toks[o.index] += o.token_ids
-                    lps[o.index] += o.logprobs
-                    if o.finish_reason:
-                        reasons[o.index] = o.finish_reason
-                last = out
-                if out.finished:
-                    break
-                out = await first(gen)
-            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i], **extras(i, toks[i])},
-                        "logprobs": chat_logprobs(lps[i]) if body.logprobs else None,
-                        "finish_reason": reasons.get(i, "length")} for i in range(params.n)]
+            answers, last = await collect(tagged(events))
+            choices = []
+            for i in range(params.n):
+                a = answers.get((0, i), EMPTY)
+                choices.append({"index": i, "message": {"role": "assistant", "content": a["text"], **extras(a["tokens"])},
+                                "logprobs": chat_logprobs(a["logprobs"]) if body.logprobs else None,
+                                "finish_reason": a["reason"]})
             return {"id": rid, "object": "chat.completion", "created": now, "model": service.model_id, "choices": choices,
-                    "usage": usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)}
+                    "usage": usage(last)}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -261,28 +290,22 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
             for i in range(params.n):
                 yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                 "logprobs": None, "finish_reason": None}], **extra})
-            out, last = head, head
-            toks = {i: [] for i in range(params.n)}
+            last, toks = {}, {i: [] for i in range(params.n)}
             try:
-                while out is not None:
+                async for out in events:
                     for o in out.outputs:
                         if not o.token_ids and not o.finish_reason:
                             continue
                         toks[o.index] += o.token_ids
-                        delta = {"content": o.text}
-                        if o.finish_reason:
-                            delta.update(extras(o.index, toks[o.index]))
+                        delta = {"content": o.text, **(extras(toks[o.index]) if o.finish_reason else {})}
                         choice = {"index": o.index, "delta": delta, "finish_reason": o.finish_reason,
                                   "logprobs": chat_logprobs(o.logprobs) if body.logprobs else None}
                         yield sse({**base, "choices": [choice], **extra})
-                    last = out
-                    if out.finished:
-                        break
-                    out = await first(gen)
+                    last[0] = out
             finally:
                 await gen.aclose()  # a client gone mid-stream: the request is aborted and its blocks freed
-            if include_usage and last is not None:
-                yield sse({**base, "choices": [], "usage": usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)})
+            if include_usage and last:
+                yield sse({**base, "choices": [], "usage": usage(last)})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream")
@@ -291,22 +314,10 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        from .sequence import Prompt
-
         check_model(body.model)
         p = body.prompt
         batch = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
-        prompts = []
-        for k, x in enumerate(batch):
-            ids = tok.encode(x) if isinstance(x, str) else list(x)
-            if not ids:
-                raise bad("the prompt is empty", "prompt")
-            vocab = service.model.config.text_config.vocab_size
-            if any(not (isinstance(t, int) and 0 <= t < vocab) for t in ids):
-                raise bad(f"prompt[{k}] holds a token id outside the vocabulary (0..{vocab - 1})", "prompt")
-            if len(ids) >= service.engine.max_model_len:
-                raise bad(f"the prompt has {len(ids)} tokens; this model's context is {service.engine.max_model_len}", "prompt")
-            prompts.append(Prompt(ids))
+        prompts = [Prompt(tok.encode(x) if isinstance(x, str) else list(x)) for x in batch]  # the engine checks the ids
         params = [sampling(body, len(pr.token_ids), body.logprobs) for pr in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         now = int(time.time())
@@ -324,7 +335,8 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
 
         tasks = [asyncio.create_task(run(k)) for k in range(len(prompts))]
 
-        async def events():
+        async def interleaved():
+            """Every prompt's outputs as they come, as (prompt k, output)."""
             done = 0
             try:
                 while done < len(prompts):
@@ -339,74 +351,39 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
                 for t in tasks:
                     t.cancel()
 
-        def completion_logprobs(lps, offset0: int) -> dict:
-            toks_, offs, pos = [], [], offset0
-            for s in lps:
-                t = token_text(s.token)
-                toks_.append(t)
-                offs.append(pos)
-                pos += len(t)
-            return {"tokens": toks_, "token_logprobs": [s.logprob for s in lps],
-                    "top_logprobs": [{token_text(t): v for t, v in (s.top or [])} for s in lps], "text_offset": offs}
-
-        gen = events()
-        try:
-            head = await gen.__anext__()
-        except StopAsyncIteration:
-            head = None
+        gen = interleaved()
+        events = await started(gen)
 
         if not body.stream:
-            texts, lps, reasons, totals = {}, {}, {}, {}
-            item = head
-            while item is not None:
-                k, out = item
-                for o in out.outputs:
-                    i = k * n + o.index
-                    texts[i] = texts.get(i, "") + o.text
-                    lps.setdefault(i, []).extend(o.logprobs)
-                    if o.finish_reason:
-                        reasons[i] = o.finish_reason
-                totals[k] = out
-                try:
-                    item = await gen.__anext__()
-                except StopAsyncIteration:
-                    item = None
-            choices = [{"index": i, "text": (batch[i // n] if body.echo and isinstance(batch[i // n], str) else "") + texts.get(i, ""),
-                        "logprobs": completion_logprobs(lps.get(i, []), 0) if body.logprobs is not None else None,
-                        "finish_reason": reasons.get(i, "length")} for i in range(len(prompts) * n)]
-            pt = sum(o.prompt_tokens for o in totals.values())
-            ct = sum(o.completion_tokens for o in totals.values())
-            cached = sum(o.cached_tokens for o in totals.values())
+            answers, last = await collect(events)
+            choices = []
+            for i in range(len(prompts) * n):
+                a = answers.get((i // n, i % n), EMPTY)
+                echo = batch[i // n] if body.echo and isinstance(batch[i // n], str) else ""
+                choices.append({"index": i, "text": echo + a["text"], "finish_reason": a["reason"],
+                                "logprobs": completion_logprobs(a["logprobs"]) if body.logprobs is not None else None})
             return {"id": rid, "object": "text_completion", "created": now, "model": service.model_id, "choices": choices,
-                    "usage": usage(pt, ct, cached)}
+                    "usage": usage(last)}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def stream():
             base = {"id": rid, "object": "text_completion", "created": now, "model": service.model_id}
             extra = {"usage": None} if include_usage else {}
-            totals = {}
-            item = head
+            last = {}
             try:
-                while item is not None:
-                    k, out = item
+                async for k, out in events:
                     for o in out.outputs:
                         if not o.token_ids and not o.finish_reason:
                             continue
                         choice = {"index": k * n + o.index, "text": o.text, "finish_reason": o.finish_reason,
-                                  "logprobs": completion_logprobs(o.logprobs, 0) if body.logprobs is not None else None}
+                                  "logprobs": completion_logprobs(o.logprobs) if body.logprobs is not None else None}
                         yield sse({**base, "choices": [choice], **extra})
-                    totals[k] = out
-                    try:
-                        item = await gen.__anext__()
-                    except StopAsyncIteration:
-                        item = None
+                    last[k] = out
             finally:
                 await gen.aclose()
             if include_usage:
-                pt = sum(o.prompt_tokens for o in totals.values())
-                ct = sum(o.completion_tokens for o in totals.values())
-                yield sse({**base, "choices": [], "usage": usage(pt, ct, sum(o.cached_tokens for o in totals.values()))})
+                yield sse({**base, "choices": [], "usage": usage(last)})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream")
@@ -446,18 +423,13 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
             prompt, _ = service.prompt(messages)
             params = service.image_params(SamplingParams(temperature=body.temperature, top_k=body.top_k or 0, seed=body.seed,
                                                          n=body.n))
-        except BadInput as e:
+        except (BadInput, ParamError) as e:
             raise bad(str(e), e.param) from None
-        except ParamError as e:
-            raise bad(str(e), e.param) from None
-        toks = {i: [] for i in range(body.n)}
-        async for out in outputs(f"img-{uuid.uuid4().hex}", prompt, params):
-            for o in out.outputs:
-                toks[o.index] += o.token_ids
+        answers, _ = await collect(tagged(outputs(f"img-{uuid.uuid4().hex}", prompt, params)))
         data = []
         for i in range(body.n):
             buf = io.BytesIO()
-            service.decode_image(toks[i]).save(buf, format="PNG")
+            service.decode_image(answers.get((0, i), EMPTY)["tokens"]).save(buf, format="PNG")
             data.append({"b64_json": base64.b64encode(buf.getvalue()).decode()})
         return {"created": int(time.time()), "model": service.model_id, "data": data}
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
+from ..foundation.modeling import token_image_index
 from .kv_cache import BlockManager
 from .runner import ModelRunner
 from .sampler import Sampled, sample
@@ -60,8 +62,9 @@ class Stats:
     steps: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
-    ttft: list[float] = field(default_factory=list)  # drained by whoever reports them
-    tpot: list[float] = field(default_factory=list)
+    # recent latencies, drained by whoever reports them (the server's /metrics); bounded for callers that never do
+    ttft: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+    tpot: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
 
 
 class Engine:
@@ -116,8 +119,9 @@ class Engine:
             for p in range(pos, pos + self.model.config.image_tokens):
                 req.extra_keys[p] = key
         if self.model.config.fusion == "cross_attention" and prompt.images:
-            ti = _span_images(prompt.token_ids, self.model.config)
-            for p, k in enumerate(ti):
+            # every token of an item span attends to its image: the image is part of those tokens' keys
+            req.token_image = token_image_index(torch.tensor([prompt.token_ids]), self.model.config)[0]
+            for p, k in enumerate(req.token_image.tolist()):
                 if k >= 0:
                     req.extra_keys[p] = prompt.images[k][1]
         for pos, idx in prompt.content:
@@ -329,8 +333,3 @@ class Engine:
                     results[out.request_id].setdefault(o.index, []).extend(o.token_ids)
         return [[r[i] for i in sorted(r)] for r in (results[rid] for rid in ids)]
 
-
-def _span_images(token_ids: list[int], cfg) -> list[int]:
-    from ..foundation.modeling import token_image_index
-
-    return token_image_index(torch.tensor([token_ids]), cfg)[0].tolist()

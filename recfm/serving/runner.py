@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..foundation.modeling import token_image_index
 from . import attention
 from .kv_cache import KVCache
 from .sequence import Request, Sequence
@@ -87,7 +86,7 @@ class ModelRunner:
             emb = RequestEmbeds(pos[order], torch.cat(vectors).to(dtype)[order.to(self.device)])
         if feats is not None and cfg.fusion == "cross_attention":
             emb.feats = feats
-            emb.token_image = token_image_index(torch.tensor([prompt.token_ids]), cfg)[0]
+            emb.token_image = req.token_image  # computed once, when the request was added
         req.embeds = emb
 
     def image_features(self, images) -> torch.Tensor:

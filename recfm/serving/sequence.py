@@ -84,6 +84,7 @@ class Request:
     # block keys of the prompt's full blocks (prefix caching)
     block_keys: list = field(default_factory=list)
     extra_keys: dict[int, Any] = field(default_factory=dict)  # position -> what else its block key must hold
+    token_image: Any = None  # cross-attention: (prompt_len,) tensor, the image each prompt token attends to, or -1
     sequences: list[Sequence] = field(default_factory=list)
     first_token_time: float | None = None
     num_cached_tokens: int = 0

@@ -9,15 +9,14 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..instructions.chat import Item, PromptTooLong, render
 from ..instructions.templates import fill, load_templates
-from ..tokenizers.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from ..tokenizers.images import DEFAULT_MAX_PIXELS, ImageError, to_pixels
 from .constraints import ImageGridConstraint, ItemConstraint
 from .engine import Engine, EngineConfig
-from .sequence import ParamError, Prompt, SamplingParams
+from .sequence import Prompt, SamplingParams
 
 
 class BadInput(ValueError):
@@ -56,7 +55,7 @@ class Service:
         self.item_images = ItemImages(self.domain, size) if self.domain is not None and size else None
         self.catalogue: dict[str, Item] = domain_catalogue(self.domain) if self.domain is not None else {}
         # item ids the model has identifiers for (the catalogue may hold more)
-        self.catalogue = {k: v for k, v in self.catalogue.items() if k in self.tok.items._index} or self.catalogue
+        self.catalogue = {k: v for k, v in self.catalogue.items() if k in self.tok.items} or self.catalogue
         if cfg.item_mode == "content" and self.domain is not None:
             content_catalogue(self.model, self.tok, self.domain, self.item_images)
         self.quantization = {"option": "none"}
@@ -86,14 +85,10 @@ class Service:
                                "the server was started with --allowed-image-dir for it)", where)
             src = path
         try:
-            im = load_image(src, self.max_image_pixels)
+            px = to_pixels(src, self.image_size, self.max_image_pixels)
         except ImageError as e:
             raise BadInput(f"bad image: {e}", where) from None
-        from PIL import Image
-
-        arr = np.asarray(im.resize((self.image_size, self.image_size), Image.BICUBIC)).copy()
-        px = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-        return "sha256:" + hashlib.sha256(arr.tobytes()).hexdigest(), px
+        return "sha256:" + hashlib.sha256(px.numpy().tobytes()).hexdigest(), px
 
     def check_item(self, item_id: str, where: str) -> None:
         if item_id not in self.catalogue:
@@ -259,6 +254,3 @@ def _bare_context(tok, cfg, max_tokens):
     return RenderContext(tokenizer=tok.text, item_tokenizer=tok.items, catalogue={},
                          image_tokens=cfg.image_tokens if cfg.vision_config is not None else 0, max_tokens=max_tokens)
 
-
-def param_error(e: ParamError) -> BadInput:
-    return BadInput(str(e), e.param)

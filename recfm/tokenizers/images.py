@@ -148,8 +148,14 @@ def preprocess(images: list[ImageInput], processor,
     return processor(pil, return_tensors="pt")["pixel_values"]
 
 
+def to_pixels(x: ImageInput, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Load (with `load_image`'s checks) and resize (squash, no crop: the whole item stays in view) to
+    size x size: a uint8 tensor (3, size, size)."""
+    arr = np.asarray(load_image(x, max_pixels).resize((size, size), Image.BICUBIC))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
 def to_tensor(images: list[ImageInput], size: int) -> torch.Tensor:
-    """Load, resize (squash, no crop: the whole item stays in view) to size x size, and stack as a
-    float tensor in [0, 1] of shape (B, 3, size, size). Used by the VQ tokenizer."""
-    arrays = [np.asarray(load_image(x).resize((size, size), Image.BICUBIC)) for x in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
+    """`to_pixels` of each image, stacked as a float tensor in [0, 1] of shape (B, 3, size, size).
+    Used by the VQ tokenizer."""
+    return torch.stack([to_pixels(x, size) for x in images]).float().div(255)

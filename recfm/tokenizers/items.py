@@ -88,6 +88,9 @@ class ItemTokenizer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n_items={len(self)}, bound={self.is_bound})"
 
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._index
+
     def index(self, item_id: str) -> int:
         """The item's index (its row in every per-item array of the model and the data)."""
         try:

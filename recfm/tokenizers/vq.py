@@ -28,7 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .images import to_tensor
+from .images import to_pixels, to_tensor
 
 VERSION = 1
 
@@ -231,7 +231,7 @@ def _image_tensor(images, size: int) -> torch.Tensor:
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x.float(), (size, size), mode="bilinear", antialias=True)
         return x.round().clamp(0, 255).byte()
-    return to_tensor(list(images), size).mul(255).round().byte()
+    return torch.stack([to_pixels(x, size) for x in images])
 
 
 def train_vq(images, config: VQConfig | None = None, steps: int = 2000, batch_size: int = 64,
