@@ -439,8 +439,8 @@ class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
             last = (attention_mask.bool() * pos).argmax(1)
         h = out.last_hidden_state[torch.arange(len(last)), last]
         if cfg.item_mode == "atomic":
-            w = self.lm_head.weight[cfg.item_token_offset : cfg.item_token_offset + cfg.n_items]
-            scores = h @ w.T
+            # through the head module rather than its weight, so a quantized head scores items too
+            scores = self.lm_head(h)[:, cfg.item_token_offset : cfg.item_token_offset + cfg.n_items]
         else:
             scores = self.item_head(h) @ self.model.item_embeddings().T
         scores = scores.float()

@@ -78,7 +78,7 @@ class Engine:
         if num_blocks is None:
             head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
             per_block = 2 * tc.num_hidden_layers * config.block_size * tc.num_key_value_heads * head_dim
-            per_block *= model.get_input_embeddings().weight.element_size()
+            per_block *= model.model.language_model.norm.weight.element_size()  # the KV cache's dtype
             num_blocks = max(2, config.kv_cache_bytes // per_block)
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.runner = ModelRunner(model, num_blocks, config.block_size)

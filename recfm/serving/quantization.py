@@ -6,15 +6,19 @@ Options, each measured on this project's CPU benchmark (`benchmarks/quant_bench.
 - `bf16`: every weight in bfloat16 (the KV cache follows). Half the bytes; on CPUs without bf16
   units the matrix products are emulated, which helps one-at-a-time decoding (memory-bound) and
   hurts batches.
-- `int8`: the decoder's linear layers as int8 weights with per-channel scales, run by PyTorch's
-  dynamic-quantization kernels (fbgemm/oneDNN "x86": activations quantized per call, int8 x int8
-  products, int32 accumulation). The vision tower, the projector, the embeddings, the norms, the
-  output head (which scores every item in atomic mode) and the content-item encoder stay in fp32.
+- `int8`: every linear layer of the decoder, the output head (which scores every item in atomic
+  mode), the vision tower and the projector as int8 weights with per-output-channel scales, run by
+  PyTorch's dynamic-quantization kernels (fbgemm/oneDNN "x86": activations quantized per call,
+  int8 x int8 products, int32 accumulation); the token embeddings as int8 rows with one fp32 scale
+  per row (`QuantizedEmbedding`).
 - `nf4`, `fp4`: the decoder's linear layers as bitsandbytes 4-bit weights (blocks of 64 with an
-  fp32 scale), dequantized per call; the same parts as for int8 stay in fp32.
+  fp32 scale), dequantized per call; the token embeddings as 4-bit rows (two per byte, an fp16
+  scale and offset per group of 64); the output head, vision tower and projector in int8 as above.
+  The head stays at 8 bits because its rows are the item scores.
 
-An option this machine cannot run (bitsandbytes missing, no int8 kernel engine) is an error when
-the model is loaded, never later.
+Norms, biases, the vision tower's patch and position embeddings, and the content-item head stay in
+fp32 in every option. An option this machine cannot run (bitsandbytes missing, no int8 kernel
+engine) is an error when the model is loaded, never later.
 """
 
 from __future__ import annotations
@@ -45,14 +49,74 @@ def check(option: str) -> None:
                                     "CPU too)") from None
 
 
-def _decoder_linears(model) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, name, module) of every nn.Linear inside the decoder layers."""
+class QuantizedEmbedding(nn.Module):
+    """Token embeddings stored as int8 rows (one fp32 scale per row) or 4-bit rows (two values per
+    byte, an fp16 scale and offset per group of `group` values); rows are dequantized when looked up,
+    so only the looked-up rows ever exist in fp32."""
+
+    def __init__(self, weight: torch.Tensor, bits: int = 8, group: int = 64):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"QuantizedEmbedding stores 4 or 8 bits, not {bits}")
+        w = weight.detach().float()
+        self.num_embeddings, self.embedding_dim = w.shape
+        self.bits = bits
+        if bits == 8:
+            scale = w.abs().amax(1).clamp(min=1e-12) / 127
+            self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            self.register_buffer("scale", scale)
+            return
+        if self.embedding_dim % 2:
+            raise ValueError(f"4-bit embedding rows need an even width, not {self.embedding_dim}")
+        self.group = group if self.embedding_dim % group == 0 else self.embedding_dim
+        g = w.view(self.num_embeddings, -1, self.group)
+        lo = g.amin(-1).half()
+        scale = ((g.amax(-1) - lo.float()) / 15).clamp(min=1e-6).half()
+        q = torch.round((g - lo.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
+        q = q.view(self.num_embeddings, self.embedding_dim)
+        self.register_buffer("qweight", q[:, 0::2] | (q[:, 1::2] << 4))
+        self.register_buffer("scale", scale)
+        self.register_buffer("offset", lo)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight[ids]
+        if self.bits == 8:
+            return rows.float() * self.scale[ids].unsqueeze(-1)
+        q = torch.stack((rows & 15, rows >> 4), -1).view(*ids.shape, -1, self.group).float()
+        out = q * self.scale[ids].float().unsqueeze(-1) + self.offset[ids].float().unsqueeze(-1)
+        return out.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}"
+
+
+def _linears(root: nn.Module | None) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, name, module) of every plain nn.Linear inside `root`."""
     out = []
-    for parent in model.model.language_model.layers.modules():
+    for parent in (root.modules() if root is not None else ()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
                 out.append((parent, name, child))
     return out
+
+
+def _to_int8(parent: nn.Module, name: str, lin: nn.Linear) -> None:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    lin.qconfig = per_channel_dynamic_qconfig
+    setattr(parent, name, DynamicLinear.from_float(lin))
+
+
+def _to_4bit(parent: nn.Module, name: str, lin: nn.Linear, quant_type: str) -> None:
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, quant_type=quant_type,
+                          compute_dtype=torch.float32, device="cpu")
+    q.weight = bnb.nn.Params4bit(lin.weight.data.float().cpu(), requires_grad=False, quant_type=quant_type)._quantize("cpu")
+    if lin.bias is not None:
+        q.bias = nn.Parameter(lin.bias.data.float(), requires_grad=False)
+    setattr(parent, name, q)
 
 
 def quantize(model, option: str) -> dict:
@@ -64,27 +128,20 @@ def quantize(model, option: str) -> dict:
     if option == "bf16":
         model.to(torch.bfloat16)
         n = sum(1 for _ in model.modules())
-    elif option == "int8":
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-        from torch.ao.quantization import per_channel_dynamic_qconfig
-
+    elif option in ("int8", "nf4", "fp4"):
         engines = torch.backends.quantized.supported_engines
         torch.backends.quantized.engine = "x86" if "x86" in engines else ("fbgemm" if "fbgemm" in engines else "onednn")
-        for parent, name, lin in _decoder_linears(model):
-            lin.qconfig = per_channel_dynamic_qconfig
-            setattr(parent, name, DynamicLinear.from_float(lin))
+        body = model.model
+        for parent, name, lin in _linears(body.language_model.layers):
+            _to_int8(parent, name, lin) if option == "int8" else _to_4bit(parent, name, lin, option)
             n += 1
-    elif option in ("nf4", "fp4"):
-        import bitsandbytes as bnb
-
-        for parent, name, lin in _decoder_linears(model):
-            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, quant_type=option,
-                                  compute_dtype=torch.float32, device="cpu")
-            q.weight = bnb.nn.Params4bit(lin.weight.data.float().cpu(), requires_grad=False, quant_type=option)._quantize("cpu")
-            if lin.bias is not None:
-                q.bias = nn.Parameter(lin.bias.data.float(), requires_grad=False)
-            setattr(parent, name, q)
+        others = [(model, "lm_head", model.lm_head)] + _linears(body.vision_tower) + _linears(body.projector)
+        for parent, name, lin in others:
+            _to_int8(parent, name, lin)
             n += 1
+        lm = body.language_model
+        lm.embed_tokens = QuantizedEmbedding(lm.embed_tokens.weight, bits=8 if option == "int8" else 4)
+        n += 1
     model.config.recfm_quantization = option
     return {"option": option, "modules": n, "weight_bytes_before": before, "weight_bytes": weight_bytes(model)}
 

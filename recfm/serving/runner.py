@@ -39,8 +39,7 @@ class ModelRunner:
         self.lm = model.model.language_model
         self.lm.config._attn_implementation = attention.register()
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        dtype = self.lm.get_input_embeddings().weight.dtype
-        device = self.lm.get_input_embeddings().weight.device
+        dtype, device = self.lm.norm.weight.dtype, self.lm.norm.weight.device  # norms are never quantized
         self.device, self.dtype = device, dtype
         self.cache = KVCache(tc.num_hidden_layers, num_blocks, block_size, tc.num_key_value_heads, head_dim, dtype, device)
         self.block_size = block_size
