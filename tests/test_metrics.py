@@ -42,3 +42,25 @@ def test_bleu_and_rouge_by_hand():
     # bigrams: pred {the cat, cat sat}, ref has both among 5 -> P 1, R 2/5, F1 = 4/7
     assert r["rouge2"] == pytest.approx(100 * 4 / 7)
     assert r["rougeL"] == pytest.approx(100 * 2 / 3)
+
+
+def test_paired_test_by_hand():
+    # three users, all better by 1: of the 8 sign patterns only all-plus and all-minus reach |mean| 1
+    r = M.paired_test([2, 3, 4], [1, 2, 3])
+    assert r["n"] == 3 and r["mean_diff"] == 1.0 and r["p_value"] == pytest.approx(2 / 8)
+    # identical systems: every pattern reaches |mean| 0, so p = 1
+    assert M.paired_test([0.5, 0.1], [0.5, 0.1])["p_value"] == 1.0
+    # many users with a clear shift: small p, seeded and reproducible
+    rng = np.random.default_rng(0)
+    a, noise = rng.normal(size=400), rng.normal(scale=0.1, size=400)
+    big = M.paired_test(a + 0.5, a + noise)
+    assert big["p_value"] < 0.001 and big == M.paired_test(a + 0.5, a + noise)
+    # no shift, only noise: not significant
+    assert M.paired_test(a + noise, a - noise[::-1])["p_value"] > 0.05
+
+
+def test_ndcg_per_user_matches_the_mean():
+    ranks = np.array([0, 1, 9, 10, 500])
+    per = M.ndcg_per_user(ranks, 10)
+    assert per[0] == 1.0 and per[2] == pytest.approx(1 / math.log2(11)) and per[3] == 0.0 and per[4] == 0.0
+    assert per.mean() == pytest.approx(M.ranking_metrics(ranks)["ndcg@10"])
