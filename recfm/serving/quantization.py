@@ -10,7 +10,9 @@ Options, each measured on this project's CPU benchmark (`benchmarks/quant_bench.
   mode), the vision tower and the projector as int8 weights with per-output-channel scales, run by
   PyTorch's dynamic-quantization kernels (fbgemm/oneDNN "x86": activations quantized per call,
   int8 x int8 products, int32 accumulation); the token embeddings as int8 rows with one fp32 scale
-  per row (`QuantizedEmbedding`).
+  per row (`QuantizedEmbedding`). Activations get one scale per call over the whole step's batch,
+  so an int8 answer can depend on what else is in the batch (or on a prefix-cache hit, which changes
+  the batch); an fp32 answer does not.
 - `nf4`, `fp4`: the decoder's linear layers as bitsandbytes 4-bit weights (blocks of 64 with an
   fp32 scale), dequantized per call; the token embeddings as 4-bit rows (two per byte, an fp16
   scale and offset per group of 64); the output head, vision tower and projector in int8 as above.
