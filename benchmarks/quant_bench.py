@@ -7,8 +7,10 @@ the default domain) and each option, a fresh process loads the run with that opt
 - output tokens/s through the engine for 1 request and for 16 concurrent requests (random 128-token
   prompts, 64 output tokens each, ignore_eos);
 - NDCG@10 / HR@10 of next-item prediction (leave-one-out test, full ranking, history masked, the
-  first --users test users, seen template) through `recfm eval`'s code path;
-- ROUGE-L of explanation generation (default domain; MovieLens 100K has no review text);
+  first --users test users (default: all), seen template) through `recfm eval`'s code path, with a
+  paired sign-flip test of each user's NDCG@10 against the fp32 model's;
+- ROUGE-L of explanation generation on the first --text-users test users (default domain;
+  MovieLens 100K has no review text);
 - the fraction of greedy answers (24 tokens, next-item and explanation prompts of the test users)
   token-identical to the unquantized model's.
 
@@ -33,10 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, markdown_table, write  # noqa: E402
 
+from recfm.eval.metrics import ndcg_per_user, paired_test  # noqa: E402
 
-def measure(run: str, option: str, users: int, out: str) -> None:
-    """users = 0: size, memory, speed and greedy agreement only (no ranking/ROUGE evaluation)."""
-    """One option, in this (fresh) process; writes a JSON line to `out`."""
+
+def measure(run: str, option: str, users: int, text_users: int, out: str) -> None:
+    """One option, in this (fresh) process; writes a JSON line to `out`. users = 0: size, memory,
+    speed and greedy agreement only (no ranking/ROUGE evaluation)."""
 
     from recfm.data import leave_one_out, load_domain
     from recfm.eval.runner import evaluate
@@ -54,9 +58,12 @@ def measure(run: str, option: str, users: int, out: str) -> None:
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     eng.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     for n in (1, 16):
-        t0 = time.perf_counter()
-        eng.generate(prompts[:n], params)
-        res[f"tok_s_{n}"] = n * 64 / (time.perf_counter() - t0)
+        speeds = []
+        for _ in range(3):  # median of 3: single runs drift by +-30 % on the benchmark machine
+            t0 = time.perf_counter()
+            eng.generate(prompts[:n], params)
+            speeds.append(n * 64 / (time.perf_counter() - t0))
+        res[f"tok_s_{n}"] = sorted(speeds)[1]
     # greedy answers on real prompts
     domain = load_domain(svc.domain.path)
     split = leave_one_out(domain)
@@ -68,11 +75,13 @@ def measure(run: str, option: str, users: int, out: str) -> None:
     del svc, eng
     if users == 0:
         return _finish(res, out)
-    tasks = ["next_item"] + (["explanation"] if any(r["task"] == "explanation" for r in rows) else [])
-    report = evaluate(run, domain.path, tasks=tasks, max_users=users, seed=0, progress=False, quantization=option)
+    report = evaluate(run, domain.path, tasks=["next_item"], max_users=users, seed=0, progress=False, quantization=option)
     seen = report["tasks"]["next_item"]["seen"]
-    res["ndcg@10"], res["hr@10"] = seen["ndcg@10"], seen["hr@10"]
-    if "explanation" in report["tasks"]:
+    res["ndcg@10"], res["hr@10"], res["users"] = seen["ndcg@10"], seen["hr@10"], report["users"]
+    res["ranks"] = [int(r["rank"]) for r in report["per_example"]["next_item"] if not r["held_out"]]
+    if any(r["task"] == "explanation" for r in rows):
+        report = evaluate(run, domain.path, tasks=["explanation"], max_users=text_users, seed=0, progress=False,
+                          quantization=option)
         res["rougeL"] = report["tasks"]["explanation"]["seen"]["rougeL"]
     _finish(res, out)
 
@@ -90,14 +99,15 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", type=Path,
                     default=[Path.home() / ".cache/recfm/bench/ml-100k/early-atomic-s0", ROOT / "runs/quickstart/run"])
     ap.add_argument("--options", default="none,bf16,int8,nf4,fp4")
-    ap.add_argument("--users", type=int, default=150, help="test users for NDCG/HR and ROUGE")
+    ap.add_argument("--users", type=int, default=100_000, help="test users for NDCG/HR (default: all)")
+    ap.add_argument("--text-users", type=int, default=150, help="test users for explanation ROUGE-L")
     ap.add_argument("--no-quality", default="bf16", help="options measured without the NDCG/ROUGE evaluation (bf16: "
                     "emulated on CPUs without bf16 units, its batched evaluation takes ~10x longer)")
-    ap.add_argument("--measure", nargs=4, metavar=("RUN", "OPTION", "USERS", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--measure", nargs=5, metavar=("RUN", "OPTION", "USERS", "TEXT_USERS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
-        run, option, users, out = args.measure
-        measure(run, option, int(users), out)
+        run, option, users, text_users, out = args.measure
+        measure(run, option, int(users), int(text_users), out)
         return
     from recfm.serving.quantization import QuantizationError, check
 
@@ -115,7 +125,8 @@ def main() -> None:
         for o in options:
             print(f"{run.name} {o} ...", flush=True)
             users = 0 if o in args.no_quality.split(",") else args.users
-            subprocess.run([sys.executable, __file__, "--measure", str(run), o, str(users), str(tmp)], check=True)
+            subprocess.run([sys.executable, __file__, "--measure", str(run), o, str(users), str(args.text_users), str(tmp)],
+                           check=True)
     results = [json.loads(line) for line in tmp.read_text().splitlines()]
     tmp.unlink()
     rows = []
@@ -126,23 +137,32 @@ def main() -> None:
             r["greedy_identical"] = same
             r["weight_fraction"] = r["weight_bytes"] / base["weight_bytes"]
             r["ndcg_rel_change"] = r["ndcg@10"] / base["ndcg@10"] - 1 if "ndcg@10" in r and base["ndcg@10"] else float("nan")
+            r["ndcg_paired"] = (paired_test(ndcg_per_user(r["ranks"]), ndcg_per_user(base["ranks"]))
+                                if "ranks" in r and "ranks" in base else None)
             r["tok_s_1_vs_fp32"] = r["tok_s_1"] / base["tok_s_1"]
             rows.append([run.name, r["option"], r["weight_bytes"] / 2**20, r["weight_fraction"], r["peak_rss_mib"],
                          r["tok_s_1"], r["tok_s_1_vs_fp32"], r["tok_s_16"], r.get("ndcg@10", "not run"),
-                         r["ndcg_rel_change"] * 100, r.get("hr@10", "not run"), r.get("rougeL", "n/a"), same])
+                         r["ndcg_rel_change"] * 100, r["ndcg_paired"]["p_value"] if r["ndcg_paired"] else "n/a",
+                         r.get("hr@10", "not run"), r.get("rougeL", "n/a"), same])
     header = ["run", "weights", "weight MiB", "of fp32", "peak RSS MiB", "tok/s batch 1", "vs fp32", "tok/s 16 concurrent",
-              "NDCG@10", "NDCG change %", "HR@10", "ROUGE-L", "greedy identical"]
+              "NDCG@10", "NDCG change %", "paired p", "HR@10", "ROUGE-L", "greedy identical"]
+    n_users = {r["run"]: r.get("users") for r in results if r["option"] == "none"}
     m = machine()
     md = [f"# Quantized inference ({time.strftime('%Y-%m-%d')})", "",
           f"Machine: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']} ({m['torch_cpu_capability']}). Speed: random "
-          f"128-token prompts, 64 output tokens, through the engine. Quality: leave-one-out test, first {args.users} test "
-          "users, seen template, full ranking with the history masked. Greedy identical: share of 24-token greedy answers "
-          "(next-item and explanation prompts) equal to the fp32 model's. int8 = PyTorch x86 dynamic quantization of the "
-          "decoder's linear layers; nf4/fp4 = bitsandbytes 4-bit; embeddings, norms, output head, vision tower in fp32.",
+          f"128-token prompts, 64 output tokens, through the engine, median of 3. Quality: leave-one-out test, "
+          f"{', '.join(f'{Path(k).name}: {v} users' for k, v in n_users.items())}, seen template, full ranking with the "
+          "history masked; paired p: sign-flip test of per-user NDCG@10 against fp32 (10,000 resamples, seed 0); ROUGE-L "
+          f"on the first {args.text_users} users. Greedy identical: share of 24-token greedy answers "
+          "(next-item and explanation prompts) equal to the fp32 model's. int8 = PyTorch x86 dynamic quantization "
+          "(per-channel int8 weights) of every linear layer in the decoder, output head, vision tower and projector, "
+          "token embeddings as int8 rows; nf4/fp4 = bitsandbytes 4-bit decoder linear layers, 4-bit embedding rows, the "
+          "rest as for int8; norms and the vision tower's patch/position embeddings stay fp32.",
           "", markdown_table(header, rows), "",
           "Targets: int8 <= 30 % of fp32 weight bytes with <= 1 % relative NDCG@10 loss; 4-bit <= 18 % with <= 3 %; "
           "neither slower than fp32 at batch 1."]
-    path = write("quant_bench", "\n".join(md), {"machine": m, "settings": {"users": args.users}, "results": results})
+    path = write("quant_bench", "\n".join(md), {"machine": m, "settings": {"users": args.users, "text_users": args.text_users},
+                                                "results": results})
     plot(results, runs, path.with_suffix(".png"))
     print("\n".join(md))
 
