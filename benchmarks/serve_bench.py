@@ -276,10 +276,18 @@ def main() -> None:
     ap.add_argument("--peer", choices=["vllm"], default=None, help="also run vLLM (CPU) on a Llama export of the same weights")
     ap.add_argument("--peer-venv", default=str(Path.home() / ".cache/recfm-peers/vllm-cpu"),
                     help="the virtualenv ../shared/peers/vllm-cpu/setup.sh made")
+    ap.add_argument("--peer-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="vLLM's weights: bfloat16 through ../shared/peers/vllm-cpu/serve.sh as it is, or float32 "
+                         "(the same launcher and environment with --dtype float32)")
+    ap.add_argument("--no-mixed", action="store_true", help="skip the mixed-length workload")
+    ap.add_argument("--startup-only", type=int, default=0, metavar="N",
+                    help="only start `recfm serve` N times and report the start-up time (until /health answers)")
     args = ap.parse_args()
     if not (args.run / "config.json").exists():
         sys.exit(f"{args.run} is not a run folder; train one (recfm quickstart) and pass --run")
 
+    if args.startup_only:
+        return startup_only(args)
     from recfm.tokenizers.text import load_text_tokenizer
 
     tok = load_text_tokenizer(args.run)
@@ -320,8 +328,9 @@ def main() -> None:
                 asyncio.run(run_load(server.url, server.model, rand[:4], 4))  # warm-up
                 for c in conc:
                     record(f"{label}|random|{c or 'unbounded'}", asyncio.run(run_load(server.url, server.model, rand, c)))
-                record(f"{label}|mixed|16", asyncio.run(run_load(server.url, server.model, mixed, 16)))
-                record(f"{label}|mixed|unbounded", asyncio.run(run_load(server.url, server.model, mixed, 0)))
+                if not args.no_mixed:
+                    record(f"{label}|mixed|16", asyncio.run(run_load(server.url, server.model, mixed, 16)))
+                    record(f"{label}|mixed|unbounded", asyncio.run(run_load(server.url, server.model, mixed, 0)))
                 if histories and q == "none":
                     record("recfm serve|recommendations|16", asyncio.run(run_recs(server.url, server.model, histories, 16)))
                 if q == "none":
@@ -332,16 +341,17 @@ def main() -> None:
                 server.stop()
         if args.peer == "vllm":
             port = free_port()
-            peer = ServerProcess(None, [], command=["bash", str(PEERS / "serve.sh"), str(export), str(port), args.peer_venv],
-                                 timeout=900, port=port)
+            peer = ServerProcess(None, [], command=vllm_command(export, port, args), timeout=900, port=port,
+                                 env=vllm_env(args))
             peer_startups.append(peer.startup_s)
             print(f"vLLM started in {peer.startup_s:.1f} s", flush=True)
             try:
                 asyncio.run(run_load(peer.url, peer.model, rand[:4], 4))
                 for c in conc:
                     record(f"vLLM|random|{c or 'unbounded'}", asyncio.run(run_load(peer.url, peer.model, rand, c)))
-                record("vLLM|mixed|16", asyncio.run(run_load(peer.url, peer.model, mixed, 16)))
-                record("vLLM|mixed|unbounded", asyncio.run(run_load(peer.url, peer.model, mixed, 0)))
+                if not args.no_mixed:
+                    record("vLLM|mixed|16", asyncio.run(run_load(peer.url, peer.model, mixed, 16)))
+                    record("vLLM|mixed|unbounded", asyncio.run(run_load(peer.url, peer.model, mixed, 0)))
                 peer_peaks.append(peer.peak_rss_mib())
                 if rep == args.repeats - 1:
                     data["vllm_bench_client_on_vllm"] = vllm_bench_client(peer.url, peer.model, export, args)
@@ -354,7 +364,8 @@ def main() -> None:
             record("generate one-at-a-time|random|1", hf_one_at_a_time(model, rand[: args.hf_requests]))
             for b in (16, 64):
                 record(f"generate static batch {b}|random|{b}", hf_static(model, rand, b))
-                record(f"generate static batch {b}|mixed|{b}", hf_static(model, mixed, b))
+                if not args.no_mixed:
+                    record(f"generate static batch {b}|mixed|{b}", hf_static(model, mixed, b))
         del model
 
     def median_run(rs: list[dict]) -> dict:
@@ -390,7 +401,7 @@ def main() -> None:
           "Output tokens/s as a multiple of one-at-a-time generate:", ""]
     md += [f"- {k.replace('|', ' / ')}: {v:.1f}x" for k, v in ratios.items()]
     if "vllm" in data:
-        md += ["", f"vLLM (vllm-cpu 0.32.0, bf16, defaults of ../shared/peers/vllm-cpu/serve.sh) on `recfm export llama` of the "
+        md += ["", f"vLLM (vllm-cpu 0.32.0, {args.peer_dtype}, launched as ../shared/peers/vllm-cpu/serve.sh does) on `recfm export llama` of the "
                f"same weights started in {data['vllm']['startup_s']:.0f} s (recfm serve: {data['server']['startup_s']:.1f} s). "
                "recfm output tokens/s as a multiple of vLLM's, and TTFT as a multiple of vLLM's:", ""]
         vs = {}
@@ -413,6 +424,47 @@ def main() -> None:
                f"{r['req_s']:.1f} req/s, latency median {r['latency_s']['median'] * 1e3:.0f} ms, p99 {r['latency_s']['p99'] * 1e3:.0f} ms."]
     path = write(args.name, "\n".join(md), data)
     plot(data, path.with_suffix(".png"))
+    print("\n".join(md))
+
+
+def vllm_command(export: Path, port: int, args) -> list[str]:
+    """serve.sh as it is for bf16; for fp32 the same launcher with --dtype float32 (serve.sh pins bf16)."""
+    if args.peer_dtype == "bfloat16":
+        return ["bash", str(PEERS / "serve.sh"), str(export), str(port), args.peer_venv]
+    return [str(Path(args.peer_venv) / "bin/python"), str(PEERS / "vllm_cli.py"), "serve", str(export), "--dtype", "float32",
+            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048"]
+
+
+def vllm_env(args) -> dict:
+    """The environment serve.sh sets (used when vLLM is started without it)."""
+    if args.peer_dtype == "bfloat16":
+        return {}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "4", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+           "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+           "LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}
+    iomp = Path(args.peer_venv) / "lib/libiomp5.so"
+    if iomp.exists():
+        env["LD_PRELOAD"] += f":{iomp}"
+    return env
+
+
+def startup_only(args) -> None:
+    """Start and stop `recfm serve` N times; report each start-up (process start to /health 200)."""
+    times = []
+    for i in range(args.startup_only):
+        server = ServerProcess(args.run, args.server_args.split())
+        times.append(server.startup_s)
+        server.stop()
+        print(f"start {i + 1}/{args.startup_only}: {server.startup_s:.2f} s", flush=True)
+    data = {"settings": vars(args) | {"run": str(args.run)}, "machine": machine(), "startup_s": times,
+            "median_s": statistics.median(times)}
+    md = [f"# recfm serve start-up ({args.run.name}, {time.strftime('%Y-%m-%d')})", "",
+          f"Machine: {data['machine']['cpu']}, {data['machine']['cpu_count']} cores, torch {data['machine']['torch']}. "
+          f"From process start to the first 200 from /health (imports, weights, catalogue, KV-cache allocation), "
+          f"{args.startup_only} starts, extra arguments `{args.server_args}`.", "",
+          markdown_table(["start", "seconds"], [[i + 1, t] for i, t in enumerate(times)]), "",
+          f"Median {data['median_s']:.2f} s, min {min(times):.2f} s, max {max(times):.2f} s."]
+    write(args.name, "\n".join(md), data)
     print("\n".join(md))
 
 
