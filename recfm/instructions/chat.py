@@ -6,8 +6,8 @@ prompt means the same tokens everywhere. Layout:
     <s> <|system|> ... <|end|> <|user|> ... <|end|> <|assistant|> ... <|end|> [<|assistant|>]
 
 An item part becomes, by its view:
-    history  <|item|> [<image> x n] <identifier> title [" rated 4"] <|/item|>
-    full     <|item|> [<image> x n] <identifier> title ". " text <|/item|>
+    history  <|item|> <identifier> [<image> x n] title [" rated 4"] <|/item|>
+    full     <|item|> <identifier> [<image> x n] title ". " text <|/item|>
     id       <identifier>                       (an answer: the item to predict)
     image    <image> x n
     codes    <|img|> <img_k> ... <|/img|>       (an answer: the item's picture as VQ codes)
@@ -118,10 +118,12 @@ def _item_tokens(ctx: RenderContext, item_id: str, view: str, rating) -> tuple[l
             raise ValueError(f"no image codes for item {item_id!r}")
         toks += [ids[IMG_START], *(ctx.image_code_offset + int(c) for c in ctx.image_codes[item_id]), ids[IMG_END]]
     elif view in ("history", "full"):
+        # identifier first: predicting a history item's identifier (the context loss) must not see that
+        # item's own image or title, or it learns a lookup instead of "which item comes next"
         toks.append(ids[ITEM_START])
+        identifier()
         if it.has_image:
             image()
-        identifier()
         words = " " + (it.title or "")
         if view == "full" and it.text:
             words += ". " + it.text[: ctx.max_text_chars]
