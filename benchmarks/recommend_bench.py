@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,7 +45,8 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
         pre_info = json.loads((work / f"{variant}-s{seed}-pre" / "run.json").read_text())
         report = evaluate(final, domain_dir, tasks=["next_item"], seed=seed, progress=False)
         return {"seen": report["tasks"]["next_item"]["seen"], "held_out": report["tasks"]["next_item"]["held_out"],
-                "train_s": info["train_runtime_s"] + pre_info["train_runtime_s"], "baselines": report["baselines"]}
+                "train_s": info["train_runtime_s"] + pre_info["train_runtime_s"], "baselines": report["baselines"],
+                "vs_popularity": vs_popularity(report)}
     t0 = time.perf_counter()
     pre = train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(work / f"{variant}-s{seed}-pre"),
                             max_steps=args.pretrain_steps, lr=2e-3, **common), progress=False)
@@ -55,7 +57,16 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
     train_s = time.perf_counter() - t0
     report = evaluate(run, domain_dir, tasks=["next_item"], seed=seed, progress=False)
     return {"seen": report["tasks"]["next_item"]["seen"], "held_out": report["tasks"]["next_item"]["held_out"],
-            "train_s": train_s, "baselines": report["baselines"]}
+            "train_s": train_s, "baselines": report["baselines"], "vs_popularity": vs_popularity(report)}
+
+
+def vs_popularity(report: dict) -> dict:
+    """Paired sign-flip test of per-user NDCG@10, recfm (seen template) against popularity, same users."""
+    from recfm.eval.metrics import ndcg_per_user, paired_test
+
+    pop = {r["user_id"]: r["rank"] for r in report["per_example"]["popularity"]}
+    ours = [r for r in report["per_example"]["next_item"] if not r["held_out"]]
+    return paired_test(ndcg_per_user([r["rank"] for r in ours]), ndcg_per_user([pop[r["user_id"]] for r in ours]))
 
 
 def main():
@@ -106,6 +117,14 @@ def main():
     for name, m in (baselines or {}).items():
         if isinstance(m, dict) and "hr@10" in m:
             rows.append((name.replace("_", " "), "-", m, 0.0))
+    # mean +- std over seeds of every ranker that ran with more than one seed
+    by_name: dict[str, list] = {}
+    for name, seed, m, secs in rows:
+        if seed != "-":
+            by_name.setdefault(name, []).append(m)
+    summary = {name: {k: (float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms]))) for k in METRICS if k in ms[0]}
+               for name, ms in by_name.items() if len(ms) > 1}
+    raw["mean_std_over_seeds"] = summary
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                "threads": torch.get_num_threads()}
@@ -121,12 +140,43 @@ def main():
     for name, seed, m, secs in rows:
         lines.append("| " + " | ".join([name, str(seed), *(f"{m.get(k, float('nan')):.4f}" for k in METRICS),
                                         f"{secs:.0f}"]) + " |")
+    if summary:
+        lines += ["", f"Mean ± std over seeds {args.seeds}:", "",
+                  "| ranker | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 1)]
+        lines += ["| " + " | ".join([name, *(f"{v[k][0]:.4f} ± {v[k][1]:.4f}" if k in v else "" for k in METRICS)]) + " |"
+                  for name, v in summary.items()]
+    tests = [(k, v["vs_popularity"]) for k, v in raw.items() if isinstance(v, dict) and "vs_popularity" in v]
+    if tests:
+        lines += ["", "Per-user NDCG@10 of recfm (seen template) minus popularity's, paired sign-flip test (10,000 resamples):", ""]
+        lines += [f"- {k}: mean difference {t['mean_diff']:+.4f} over {t['n']} users, p = {t['p_value']:.4f}" for k, t in tests]
     lines += ["", f"Machine: {json.dumps(machine)}", f"Settings: {json.dumps(raw['settings'])}"]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"recommend_{domain.name}"
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     stem.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=float) + "\n")
+    plot(rows, stem.with_suffix(".png"), domain.name)
     print("\n".join(lines))
+
+
+def plot(rows, out: Path, name: str) -> None:
+    """NDCG@10 and HR@10 of every ranker, one dot per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r[0] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.5), sharey=True)
+    for ax, metric in zip(axes, ("ndcg@10", "hr@10")):
+        for y, n in enumerate(names):
+            xs = [m[metric] for r, _, m, _ in ((r[0], r[1], r[2], r[3]) for r in rows) if r == n and metric in m]
+            ax.scatter(xs, [y] * len(xs), color="tab:blue" if n.startswith("recfm") else "tab:gray")
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel(metric)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"next-item prediction on {name} (full ranking, leave-one-out)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
 
 
 if __name__ == "__main__":

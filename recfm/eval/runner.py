@@ -257,7 +257,9 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
         T["next_item"] = _by_template(rs, ranks, M.ranking_metrics)
         report["per_example"]["next_item"] = [{"user_id": r["user_id"], "held_out": r["held_out"], "rank": k}
                                               for r, k in zip(rs, ranks)]
-        report["baselines"]["popularity"] = M.ranking_metrics(popularity_ranks(split, list(examples), domain.item_ids))
+        pop = popularity_ranks(split, list(examples), domain.item_ids)
+        report["baselines"]["popularity"] = M.ranking_metrics(pop)
+        report["per_example"]["popularity"] = [{"user_id": e["user_id"], "rank": k} for e, k in zip(examples, pop)]
         if domain.generator is not None:  # the oracle on exactly these examples
             from ..data.oracle import oracle_metrics
 
