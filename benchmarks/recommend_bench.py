@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VARIANTS = {  # name -> training config overrides
     "early-atomic": dict(fusion="early", item_mode="atomic"),
+    "early-atomic-idfirst": dict(fusion="early", item_mode="atomic", item_layout="id_first"),
     "cross-atomic": dict(fusion="cross_attention", item_mode="atomic"),
     "early-semantic": dict(fusion="early", item_mode="semantic"),
     "early-content": dict(fusion="early", item_mode="content"),
@@ -50,7 +51,8 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
     t0 = time.perf_counter()
     pre = train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(work / f"{variant}-s{seed}-pre"),
                             max_steps=args.pretrain_steps, lr=2e-3, **common), progress=False)
-    common.pop("vision", None), common.pop("fusion"), common.pop("item_mode")
+    for k in ("vision", "fusion", "item_mode", "item_layout"):  # the model's own, from the pretrained run
+        common.pop(k, None)
     run = train(TrainConfig(stage="tune", init_from=str(pre), output=str(work / f"{variant}-s{seed}"),
                             max_steps=args.tune_steps, lr=1e-3, tasks={"next_item": 2.0, "pick_candidate": 1.0},
                             **common), progress=False)

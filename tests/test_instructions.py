@@ -152,3 +152,31 @@ def test_tokenize_domain_writes_every_tokenizer(tmp_path, small_default):
     vq = VQTokenizer.from_pretrained(tmp_path / "tok" / "vq")
     codes = json.loads((tmp_path / "tok" / "image_codes.json").read_text())
     assert len(codes) == 80 and all(len(c) == vq.config.grid ** 2 for c in codes.values())
+
+
+def test_item_layout_puts_the_identifier_before_or_after_the_image(world):
+    from recfm.foundation.configuration import RecFMConfig
+    from recfm.training.collate import render_context
+
+    domain, split, tok, items, ctx = world
+    item_id = next(r["item_id"] for r in domain.items if r["image_path"] is not None)
+    msg = [{"role": "user", "content": [{"type": "item", "item_id": item_id, "view": "history"}]}]
+    image_id, code = tok.convert_tokens_to_ids(IMAGE), items.encode(item_id)
+    for id_first in (False, True):
+        c = RenderContext(tokenizer=tok, item_tokenizer=items, catalogue=ctx.catalogue, image_tokens=2, id_first=id_first)
+        ids = render(msg, c).input_ids
+        first_image, first_code = ids.index(image_id), ids.index(code[0])
+        assert (first_code < first_image) == id_first
+        assert ids.count(image_id) == 2 and ids[first_code : first_code + len(code)] == code
+    # the layout is the model's: it travels in its config, and old configs mean content_first
+    assert RecFMConfig().item_layout == "content_first"
+    with pytest.raises(ValueError, match="item_layout"):
+        RecFMConfig(item_layout="sideways")
+
+    from types import SimpleNamespace
+
+    Tok = SimpleNamespace(text=tok, items=items, image_codes=None, image_code_offset=None)
+
+    cfg = RecFMConfig(item_layout="id_first", vision_config={"model_type": "clip_vision_model"})
+    assert render_context(Tok, domain, cfg).id_first
+    assert not render_context(Tok, domain, RecFMConfig(vision_config={"model_type": "clip_vision_model"})).id_first

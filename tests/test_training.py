@@ -49,9 +49,11 @@ def test_stages_write_a_loadable_run(tuned_run):
 
 def test_loss_goes_down_when_training_longer(small_default, tok_dir, tmp_path):
     run = train(TrainConfig(stage="tune", domain=str(small_default.path), tokenizers=str(tok_dir), output=str(tmp_path / "r"),
-                            max_steps=30, tasks={"next_item": 1.0}, **{**TINY, "logging_steps": 5}), progress=False)
+                            max_steps=30, tasks={"next_item": 1.0}, item_layout="id_first", **{**TINY, "logging_steps": 5}),
+                progress=False)
     losses = [h["loss"] for h in json.loads((run / "log_history.json").read_text()) if "loss" in h]
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
+    assert json.loads((run / "config.json").read_text())["item_layout"] == "id_first"  # the layout is the model's
 
 
 def test_bad_config_is_a_clear_error(tmp_path):
@@ -61,6 +63,8 @@ def test_bad_config_is_a_clear_error(tmp_path):
         TrainConfig.load(cfg)
     with pytest.raises(ValueError, match="stage must be"):
         TrainConfig.load(None, stage="fly", domain="x", tokenizers="y")
+    with pytest.raises(ValueError, match="item_layout must be"):
+        TrainConfig.load(None, stage="tune", domain="x", tokenizers="y", item_layout="sideways")
 
 
 def _cli(args, **kw):

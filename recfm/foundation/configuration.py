@@ -17,6 +17,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 FUSIONS = ("early", "cross_attention")
 ITEM_MODES = ("atomic", "semantic", "content")
+ITEM_LAYOUTS = ("content_first", "id_first")
 PROJECTORS = ("mlp", "resampler")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -48,6 +49,10 @@ class RecFMConfig(PreTrainedConfig):
     n_item_tokens: int = 0
     item_id_residual: bool = True  # content mode: a learned per-item vector added to the content embedding
     item_text_len: int = 16  # content mode: tokens of an item's text the item encoder reads
+    # how a history item is serialized: "content_first" <|item|> <image> <id> title <|/item|>, or
+    # "id_first" <|item|> <id> <image> title <|/item|> (the context loss then predicts each history
+    # item from the items before it instead of from its own picture)
+    item_layout: str = "content_first"
     # special token ids (from the tokenizer)
     image_token_id: int = -1
     item_token_id: int = -1  # content-mode placeholder
@@ -71,6 +76,8 @@ class RecFMConfig(PreTrainedConfig):
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.item_mode not in ITEM_MODES:
             raise ValueError(f"item_mode must be one of {ITEM_MODES}, got {self.item_mode!r}")
+        if self.item_layout not in ITEM_LAYOUTS:
+            raise ValueError(f"item_layout must be one of {ITEM_LAYOUTS}, got {self.item_layout!r}")
         if self.projector not in PROJECTORS:
             raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
         if not 1 <= self.image_tokens <= 8:

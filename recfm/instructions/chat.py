@@ -6,8 +6,9 @@ prompt means the same tokens everywhere. Layout:
     <s> <|system|> ... <|end|> <|user|> ... <|end|> <|assistant|> ... <|end|> [<|assistant|>]
 
 An item part becomes, by its view:
-    history  <|item|> <identifier> [<image> x n] title [" rated 4"] <|/item|>
-    full     <|item|> <identifier> [<image> x n] title ". " text <|/item|>
+    history  <|item|> [<image> x n] <identifier> title [" rated 4"] <|/item|>
+    full     <|item|> [<image> x n] <identifier> title ". " text <|/item|>
+             (with the model's item_layout "id_first": <identifier> before the images)
     id       <identifier>                       (an answer: the item to predict)
     image    <image> x n
     codes    <|img|> <img_k> ... <|/img|>       (an answer: the item's picture as VQ codes)
@@ -72,6 +73,7 @@ class RenderContext:
     image_code_offset: int | None = None  # token id of <img_0>
     max_tokens: int = 1024
     max_text_chars: int = 200  # item text is cut to this many characters in "full" views
+    id_first: bool = False  # the model's item layout: identifier before the image (RecFMConfig.item_layout)
 
     def __post_init__(self):
         t = self.tokenizer
@@ -118,12 +120,13 @@ def _item_tokens(ctx: RenderContext, item_id: str, view: str, rating) -> tuple[l
             raise ValueError(f"no image codes for item {item_id!r}")
         toks += [ids[IMG_START], *(ctx.image_code_offset + int(c) for c in ctx.image_codes[item_id]), ids[IMG_END]]
     elif view in ("history", "full"):
-        # identifier first: predicting a history item's identifier (the context loss) must not see that
-        # item's own image or title, or it learns a lookup instead of "which item comes next"
         toks.append(ids[ITEM_START])
-        identifier()
+        if ctx.id_first:  # the context loss then predicts the item from the items before it
+            identifier()
         if it.has_image:
             image()
+        if not ctx.id_first:  # ... or, here, also from its own picture
+            identifier()
         words = " " + (it.title or "")
         if view == "full" and it.text:
             words += ". " + it.text[: ctx.max_text_chars]

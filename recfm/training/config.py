@@ -28,6 +28,7 @@ class TrainConfig:
     item_mode: str = "atomic"  # atomic | semantic | content
     vision: str | None = "clip"  # clip | siglip | null (a text-only model: the no-image ablation)
     image_tokens: int = 2  # vectors per image (1-8)
+    item_layout: str = "content_first"  # content_first | id_first: where a history item's identifier goes (see RecFMConfig)
     text_path: str | None = None  # bring your own: a local Hugging Face causal LM checkpoint
     vision_path: str | None = None  # bring your own: a local CLIP/SigLIP checkpoint
     # --- data ---
@@ -85,6 +86,8 @@ class TrainConfig:
             raise ValueError("give tokenizers (a recfm tokenize folder) or init_from (a run folder)")
         if self.stage == "finetune" and not self.init_from:
             raise ValueError("finetune starts from a tuned run: set init_from")
+        if self.item_layout not in ("content_first", "id_first"):
+            raise ValueError(f"item_layout must be content_first or id_first, got {self.item_layout!r}")
         unknown = set(self.tasks) - set(DEFAULT_TASK_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown task(s) in the mixture: {sorted(unknown)}")

@@ -148,7 +148,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     else:
         tokenizers = Tokenizers(cfg.tokenizers, cfg.item_mode)
         model = build_model(cfg.preset, tokenizers, fusion=cfg.fusion, vision=cfg.vision, image_tokens=cfg.image_tokens,
-                            text_path=cfg.text_path, vision_path=cfg.vision_path, **losses)
+                            text_path=cfg.text_path, vision_path=cfg.vision_path, item_layout=cfg.item_layout, **losses)
     mc = model.config
     images = ItemImages(domain, mc.vision_config.image_size) if mc.vision_config is not None else None
     if mc.item_mode == "content":
