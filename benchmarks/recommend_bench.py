@@ -47,7 +47,8 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
         report = evaluate(final, domain_dir, tasks=["next_item"], seed=seed, progress=False)
         return {"seen": report["tasks"]["next_item"]["seen"], "held_out": report["tasks"]["next_item"]["held_out"],
                 "train_s": info["train_runtime_s"] + pre_info["train_runtime_s"], "baselines": report["baselines"],
-                "vs_popularity": vs_popularity(report)}
+                "vs_popularity": vs_popularity(report),
+                "per_user_ndcg": per_user_ndcg(report)}
     t0 = time.perf_counter()
     pre = train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(work / f"{variant}-s{seed}-pre"),
                             max_steps=args.pretrain_steps, lr=2e-3, **common), progress=False)
@@ -59,7 +60,16 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
     train_s = time.perf_counter() - t0
     report = evaluate(run, domain_dir, tasks=["next_item"], seed=seed, progress=False)
     return {"seen": report["tasks"]["next_item"]["seen"], "held_out": report["tasks"]["next_item"]["held_out"],
-            "train_s": train_s, "baselines": report["baselines"], "vs_popularity": vs_popularity(report)}
+            "train_s": train_s, "baselines": report["baselines"], "vs_popularity": vs_popularity(report),
+                "per_user_ndcg": per_user_ndcg(report)}
+
+
+def per_user_ndcg(report: dict) -> dict[str, float]:
+    """user id -> NDCG@10 of recfm's seen-template answer (for paired tests between variants)."""
+    from recfm.eval.metrics import ndcg_per_user
+
+    ours = [r for r in report["per_example"]["next_item"] if not r["held_out"]]
+    return dict(zip((r["user_id"] for r in ours), ndcg_per_user([r["rank"] for r in ours]).tolist()))
 
 
 def vs_popularity(report: dict) -> dict:
@@ -86,6 +96,7 @@ def main():
     ap.add_argument("--reuse", action="store_true", help="evaluate runs already trained under --work instead of training")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "recfm" / "bench")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--name", default=None, help="result file stem (default recommend_<domain>)")
     args = ap.parse_args()
 
     from recfm.data import load_domain
@@ -151,9 +162,21 @@ def main():
     if tests:
         lines += ["", "Per-user NDCG@10 of recfm (seen template) minus popularity's, paired sign-flip test (10,000 resamples):", ""]
         lines += [f"- {k}: mean difference {t['mean_diff']:+.4f} over {t['n']} users, p = {t['p_value']:.4f}" for k, t in tests]
+    if len(args.variants) > 1:  # every variant against the first, same seed, same users
+        from recfm.eval.metrics import paired_test
+
+        lines += ["", f"Per-user NDCG@10 of each variant minus {args.variants[0]}'s (seen template, same seed, paired sign-flip test):", ""]
+        for seed in args.seeds:
+            ref = raw[f"recfm/{args.variants[0]}/seed{seed}"]["per_user_ndcg"]
+            for v in args.variants[1:]:
+                other = raw[f"recfm/{v}/seed{seed}"]["per_user_ndcg"]
+                users = sorted(set(ref) & set(other))
+                t = paired_test([other[u] for u in users], [ref[u] for u in users])
+                raw[f"recfm/{v}/seed{seed}"]["vs_first_variant"] = t
+                lines.append(f"- {v}, seed {seed}: mean difference {t['mean_diff']:+.4f} over {t['n']} users, p = {t['p_value']:.4f}")
     lines += ["", f"Machine: {json.dumps(machine)}", f"Settings: {json.dumps(raw['settings'])}"]
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"recommend_{domain.name}"
+    stem = args.out / (args.name or f"recommend_{domain.name}")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     stem.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=float) + "\n")
     plot(rows, stem.with_suffix(".png"), domain.name)
