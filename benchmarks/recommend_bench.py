@@ -146,9 +146,11 @@ def main():
     lines = [f"# Next-item prediction on {domain.name}", "",
              f"Leave-one-out test, full ranking over {len(domain.item_ids)} items, history masked, "
              f"{len(domain.sequences)} users. recfm: `{args.preset}` preset, {args.pretrain_steps} pretraining + "
-             f"{args.tune_steps} tuning steps of batch 8, history {args.max_history} items. SASRec: RecBole 1.2.1 defaults "
-             f"except CE loss, 2 layers, hidden 64, {args.sasrec_epochs} epochs max with early stopping on validation NDCG@10; "
-             "its test (user, item) pairs were checked equal to recfm's.", "",
+             f"{args.tune_steps} tuning steps of batch 8, history {args.max_history} items. "
+             + ("SASRec not run (--no-sasrec)." if args.no_sasrec else
+                f"SASRec: RecBole 1.2.1 defaults except CE loss, 2 layers, hidden 64, {args.sasrec_epochs} epochs max with "
+                "early stopping on validation NDCG@10; its test (user, item) pairs were checked equal to recfm's.")
+             + " train (s): wall-clock seconds of pretraining + tuning as recorded when the run was trained.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, seed, m, secs in rows:
         lines.append("| " + " | ".join([name, str(seed), *(f"{m.get(k, float('nan')):.4f}" for k in METRICS),
