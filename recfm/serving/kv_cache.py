@@ -24,14 +24,28 @@ class NoFreeBlocks(RuntimeError):
     pass
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """A zero tensor. On CPU it comes from calloc (numpy), whose pages the OS zeroes on first touch:
+    a large pool costs no start-up time and no resident memory until blocks are used, where
+    torch.zeros writes every page up front. Zeros, not garbage: masked-out padding is still
+    multiplied by zero attention weights, and 0 x NaN would be NaN."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = torch.from_numpy(np.zeros((*shape[:-1], shape[-1] * itemsize), dtype=np.uint8))
+    return raw.view(dtype)
+
+
 class KVCache:
     """Per-layer key and value tensors of (num_blocks, block_size, kv_heads, head_dim)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         shape = (num_blocks, block_size, kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [_zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.v = [_zeros(shape, dtype, device) for _ in range(num_layers)]
         self.block_size = block_size
 
     @property
