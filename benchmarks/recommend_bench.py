@@ -45,10 +45,7 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
         info = json.loads((final / "run.json").read_text())
         pre_info = json.loads((work / f"{variant}-s{seed}-pre" / "run.json").read_text())
         report = evaluate(final, domain_dir, tasks=["next_item"], seed=seed, progress=False)
-        return {"seen": report["tasks"]["next_item"]["seen"], "held_out": report["tasks"]["next_item"]["held_out"],
-                "train_s": info["train_runtime_s"] + pre_info["train_runtime_s"], "baselines": report["baselines"],
-                "vs_popularity": vs_popularity(report),
-                "per_user_ndcg": per_user_ndcg(report)}
+        return result(report, info["train_runtime_s"] + pre_info["train_runtime_s"])
     t0 = time.perf_counter()
     pre = train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(work / f"{variant}-s{seed}-pre"),
                             max_steps=args.pretrain_steps, lr=2e-3, **common), progress=False)
@@ -59,26 +56,22 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
                             **common), progress=False)
     train_s = time.perf_counter() - t0
     report = evaluate(run, domain_dir, tasks=["next_item"], seed=seed, progress=False)
-    return {"seen": report["tasks"]["next_item"]["seen"], "held_out": report["tasks"]["next_item"]["held_out"],
-            "train_s": train_s, "baselines": report["baselines"], "vs_popularity": vs_popularity(report),
-                "per_user_ndcg": per_user_ndcg(report)}
+    return result(report, train_s)
 
 
-def per_user_ndcg(report: dict) -> dict[str, float]:
-    """user id -> NDCG@10 of recfm's seen-template answer (for paired tests between variants)."""
-    from recfm.eval.metrics import ndcg_per_user
-
-    ours = [r for r in report["per_example"]["next_item"] if not r["held_out"]]
-    return dict(zip((r["user_id"] for r in ours), ndcg_per_user([r["rank"] for r in ours]).tolist()))
-
-
-def vs_popularity(report: dict) -> dict:
-    """Paired sign-flip test of per-user NDCG@10, recfm (seen template) against popularity, same users."""
+def result(report: dict, train_s: float) -> dict:
+    """One recfm run's row: metrics by template, baselines, each user's NDCG@10 (seen template, for
+    paired tests between variants) and a paired test against popularity on the same users."""
     from recfm.eval.metrics import ndcg_per_user, paired_test
 
-    pop = {r["user_id"]: r["rank"] for r in report["per_example"]["popularity"]}
     ours = [r for r in report["per_example"]["next_item"] if not r["held_out"]]
-    return paired_test(ndcg_per_user([r["rank"] for r in ours]), ndcg_per_user([pop[r["user_id"]] for r in ours]))
+    users = [r["user_id"] for r in ours]
+    per_user = dict(zip(users, ndcg_per_user([r["rank"] for r in ours]).tolist()))
+    pop_rank = {r["user_id"]: r["rank"] for r in report["per_example"]["popularity"]}
+    pop = ndcg_per_user([pop_rank[u] for u in users])
+    return {"seen": report["tasks"]["next_item"]["seen"], "held_out": report["tasks"]["next_item"]["held_out"],
+            "train_s": train_s, "baselines": report["baselines"], "per_user_ndcg": per_user,
+            "vs_popularity": paired_test([per_user[u] for u in users], pop)}
 
 
 def main():
@@ -196,7 +189,7 @@ def plot(rows, out: Path, name: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(names) + 1.5), sharey=True)
     for ax, metric in zip(axes, ("ndcg@10", "hr@10")):
         for y, n in enumerate(names):
-            xs = [m[metric] for r, _, m, _ in ((r[0], r[1], r[2], r[3]) for r in rows) if r == n and metric in m]
+            xs = [m[metric] for ranker, _, m, _ in rows if ranker == n and metric in m]
             ax.scatter(xs, [y] * len(xs), color="tab:blue" if n.startswith("recfm") else "tab:gray")
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set_xlabel(metric)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..foundation.modeling import token_image_index
-from .kv_cache import BlockManager
+from .kv_cache import BlockManager, KVCache, kv_spec
 from .runner import ModelRunner
 from .sampler import Sampled, sample
 from .scheduler import Scheduler, SchedulerConfig
@@ -76,10 +76,7 @@ class Engine:
         self.max_model_len = config.max_model_len or tc.max_position_embeddings
         num_blocks = config.num_blocks
         if num_blocks is None:
-            head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-            per_block = 2 * tc.num_hidden_layers * config.block_size * tc.num_key_value_heads * head_dim
-            per_block *= model.model.language_model.norm.weight.element_size()  # the KV cache's dtype
-            num_blocks = max(2, config.kv_cache_bytes // per_block)
+            num_blocks = max(2, config.kv_cache_bytes // KVCache.block_bytes(kv_spec(model), config.block_size))
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,

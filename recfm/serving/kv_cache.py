@@ -33,9 +33,18 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=device)
     import numpy as np
 
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    raw = torch.from_numpy(np.zeros((*shape[:-1], shape[-1] * itemsize), dtype=np.uint8))
+    raw = torch.from_numpy(np.zeros((*shape[:-1], shape[-1] * dtype.itemsize), dtype=np.uint8))
     return raw.view(dtype)
+
+
+def kv_spec(model) -> dict:
+    """The KV cache a RecFM model needs: layers, kv heads, head size, and the dtype/device of its
+    activations (read from a norm, which no quantization option touches)."""
+    tc = model.config.text_config
+    norm = model.model.language_model.norm.weight
+    return {"num_layers": tc.num_hidden_layers, "kv_heads": tc.num_key_value_heads,
+            "head_dim": getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
+            "dtype": norm.dtype, "device": norm.device}
 
 
 class KVCache:
@@ -47,6 +56,11 @@ class KVCache:
         self.k = [_zeros(shape, dtype, device) for _ in range(num_layers)]
         self.v = [_zeros(shape, dtype, device) for _ in range(num_layers)]
         self.block_size = block_size
+
+    @staticmethod
+    def block_bytes(spec: dict, block_size: int) -> int:
+        """Bytes of one block over every layer, keys and values (`spec` from `kv_spec`)."""
+        return 2 * spec["num_layers"] * block_size * spec["kv_heads"] * spec["head_dim"] * spec["dtype"].itemsize
 
     @property
     def nbytes(self) -> int:

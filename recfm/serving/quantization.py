@@ -135,7 +135,10 @@ def quantize(model, option: str) -> dict:
         torch.backends.quantized.engine = "x86" if "x86" in engines else ("fbgemm" if "fbgemm" in engines else "onednn")
         body = model.model
         for parent, name, lin in _linears(body.language_model.layers):
-            _to_int8(parent, name, lin) if option == "int8" else _to_4bit(parent, name, lin, option)
+            if option == "int8":
+                _to_int8(parent, name, lin)
+            else:
+                _to_4bit(parent, name, lin, option)
             n += 1
         others = [(model, "lm_head", model.lm_head)] + _linears(body.vision_tower) + _linears(body.projector)
         for parent, name, lin in others:

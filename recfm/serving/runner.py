@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from . import attention
-from .kv_cache import KVCache
+from .kv_cache import KVCache, kv_spec
 from .sequence import Request, Sequence
 
 
@@ -35,13 +35,12 @@ class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, image_cache_size: int = 4096):
         self.model = model
         self.cfg = model.config
-        tc = self.cfg.text_config
         self.lm = model.model.language_model
         self.lm.config._attn_implementation = attention.register()
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        dtype, device = self.lm.norm.weight.dtype, self.lm.norm.weight.device  # norms are never quantized
-        self.device, self.dtype = device, dtype
-        self.cache = KVCache(tc.num_hidden_layers, num_blocks, block_size, tc.num_key_value_heads, head_dim, dtype, device)
+        spec = kv_spec(model)
+        self.device, self.dtype = spec["device"], spec["dtype"]
+        self.cache = KVCache(spec["num_layers"], num_blocks, block_size, spec["kv_heads"], spec["head_dim"],
+                             spec["dtype"], spec["device"])
         self.block_size = block_size
         self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_cache_size = image_cache_size

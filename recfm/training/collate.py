@@ -45,7 +45,7 @@ def render_context(tokenizers, domain, model_config, max_tokens: int = 1024) -> 
     return RenderContext(tokenizer=tokenizers.text, item_tokenizer=tokenizers.items, catalogue=domain_catalogue(domain),
                          image_tokens=model_config.image_tokens if model_config.vision_config is not None else 0,
                          image_codes=tokenizers.image_codes, image_code_offset=tokenizers.image_code_offset,
-                         max_tokens=max_tokens, id_first=getattr(model_config, "item_layout", "content_first") == "id_first")
+                         max_tokens=max_tokens, id_first=model_config.item_layout == "id_first")
 
 
 class Collator:

@@ -86,8 +86,10 @@ class TrainConfig:
             raise ValueError("give tokenizers (a recfm tokenize folder) or init_from (a run folder)")
         if self.stage == "finetune" and not self.init_from:
             raise ValueError("finetune starts from a tuned run: set init_from")
-        if self.item_layout not in ("content_first", "id_first"):
-            raise ValueError(f"item_layout must be content_first or id_first, got {self.item_layout!r}")
+        from ..foundation.configuration import ITEM_LAYOUTS
+
+        if self.item_layout not in ITEM_LAYOUTS:
+            raise ValueError(f"item_layout must be one of {ITEM_LAYOUTS}, got {self.item_layout!r}")
         unknown = set(self.tasks) - set(DEFAULT_TASK_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown task(s) in the mixture: {sorted(unknown)}")
