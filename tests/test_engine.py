@@ -106,6 +106,37 @@ def test_greedy_equals_generate_all_at_once(setup):
     assert eng.blocks.num_used == 0  # every block returned (cached ones are free to reuse)
 
 
+def test_greedy_equals_generate_through_the_modules(setup):
+    """The runner's other path (the language model's own modules, for decoders the fast pass does not
+    know) gives the same answers."""
+    eng = setup.engine(fast_decoder=False)
+    assert eng.runner.fast is None
+    assert outputs(eng, setup.prompts) == setup.expected
+
+
+def test_fast_decoder_shares_the_weights(setup):
+    """q/k/v and gate/up are fused into one matrix each, and the modules' weights are views into it:
+    no second copy, and what transformers' forward reads is what the fast pass reads."""
+    eng = setup.engine()
+    assert eng.runner.fast is not None
+    attn = setup.model.model.language_model.layers[0].self_attn
+    q, k = attn.q_proj.weight, attn.k_proj.weight
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
+
+
+def test_fast_decoder_declines_what_it_does_not_know():
+    from transformers import Qwen3Config, Qwen3Model
+
+    from recfm.serving.decoder import FastDecoder, unsupported
+
+    lm = Qwen3Model(Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=16, vocab_size=50))
+    assert "not one of" in unsupported(lm)
+    with pytest.raises(ValueError, match="does not support"):
+        FastDecoder(lm)
+
+
 def test_greedy_equals_generate_one_at_a_time(setup):
     eng = setup.engine(prefix_caching=False)
     assert [outputs(eng, [p])[0] for p in setup.prompts] == setup.expected

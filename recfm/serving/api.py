@@ -13,6 +13,7 @@ import base64
 import contextlib
 import io
 import itertools
+import hmac
 import json
 import time
 import uuid
@@ -48,6 +49,24 @@ def bad(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param, code="invalid_request")
 
 
+class _APIKey:
+    """'Authorization: Bearer KEY' on /v1/ routes. A plain ASGI middleware: it looks at a request once
+    and then steps aside; starlette's BaseHTTPMiddleware (what `@app.middleware` builds) would pass
+    every chunk of every streamed answer through a memory stream and a task group."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(header, self.expected):
+                response = APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                                    "authentication_error", code="invalid_api_key").response()
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def build_app(service: Service, api_key: str | None = None, max_waiting: int = 256) -> FastAPI:
     metrics = EngineMetrics(service.model_id)
     engine = AsyncEngine(service.engine, max_waiting=max_waiting, metrics=metrics)
@@ -74,14 +93,8 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
         return bad(f"{loc or 'body'}: {err.get('msg', 'invalid request')}", loc or None).response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {api_key}":
-                return APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
-                                "authentication_error", code="invalid_api_key").response()
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_APIKey, api_key=api_key)
 
     def check_model(name: str | None) -> None:
         if name and name != service.model_id:

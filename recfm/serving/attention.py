@@ -1,7 +1,7 @@
 """Paged attention, registered with transformers' attention interface as "recfm_paged".
 
-The decoder's own attention modules project, apply rotary embeddings and call this function with the
-query/key/value of one flattened batch: every scheduled token of every sequence in a single row
+`paged_attention` gets the query/key/value of one flattened batch, from the engine's decoder pass
+(`decoder.py`) or, through `paged_attention_forward`, from the decoder's own attention modules: every scheduled token of every sequence in a single row
 (batch size 1), positions given per token. The function writes the new keys and values into the
 paged cache at their slots, then attends:
 
@@ -61,37 +61,43 @@ def gather(cache: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor | None =
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' attention interface: (1, heads, N, head_dim) in, (1, N, heads, head_dim) out."""
     meta: PagedMetadata | None = kwargs.get("paged")
     if meta is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    layer = module.layer_idx
+    out = paged_attention(module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                          meta, scaling)
+    return out.unsqueeze(0), None
+
+
+def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PagedMetadata,
+                    scaling: float | None) -> torch.Tensor:
+    """q (N, heads, head_dim), k and v (N, kv_heads, head_dim) of one flattened batch -> (N, heads, head_dim).
+    Writes k and v into the layer's cache at the batch's slots first."""
     kc, vc = meta.k_cache[layer], meta.v_cache[layer]
-    k = key[0].transpose(0, 1)  # (N, kvh, d)
-    v = value[0].transpose(0, 1)
     kc.view(-1, *kc.shape[2:]).index_copy_(0, meta.slot_mapping, k.to(kc.dtype))
     vc.view(-1, *vc.shape[2:]).index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
-    q = query[0]  # (H, N, d)
-    gqa = q.shape[0] != k.shape[1]
-    out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # (N, H, d)
+    gqa = q.shape[1] != k.shape[1]
+    out = q.new_empty(q.shape)
     if meta.decode_rows is not None:
-        qd = q[:, meta.decode_rows].transpose(0, 1).unsqueeze(2)  # (nd, H, 1, d)
+        qd = q[meta.decode_rows].unsqueeze(2)  # (nd, H, 1, d)
         sk, sv = meta.scratch or (None, None)
         kd = gather(kc, meta.decode_blocks, sk).transpose(1, 2).to(q.dtype)  # (nd, kvh, L, d)
         vd = gather(vc, meta.decode_blocks, sv).transpose(1, 2).to(q.dtype)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scaling, enable_gqa=gqa)
         out[meta.decode_rows] = o.squeeze(2)
     for c in meta.prefills:
-        qp = q[:, c.start : c.end].unsqueeze(0)  # (1, H, c, d)
+        qp = q[c.start : c.end].transpose(0, 1).unsqueeze(0)  # (1, H, c, d)
         if c.blocks is None:
-            kp = key[:, :, c.start : c.end]
-            vp = value[:, :, c.start : c.end]
+            kp = k[c.start : c.end].transpose(0, 1).unsqueeze(0)
+            vp = v[c.start : c.end].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scaling, enable_gqa=gqa)
         else:
             kp = gather(kc, c.blocks)[: c.length].transpose(0, 1).unsqueeze(0).to(q.dtype)
             vp = gather(vc, c.blocks)[: c.length].transpose(0, 1).unsqueeze(0).to(q.dtype)
             o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=c.mask, scale=scaling, enable_gqa=gqa)
         out[c.start : c.end] = o[0].transpose(0, 1)
-    return out.unsqueeze(0), None
+    return out
 
 
 def register() -> str:

@@ -35,6 +35,7 @@ class EngineConfig:
     chunked_prefill: bool = True
     prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    fast_decoder: bool = True  # the decoder as plain tensor code (decoder.py) where the architecture allows
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Engine:
         if num_blocks is None:
             num_blocks = max(2, config.kv_cache_bytes // KVCache.block_bytes(kv_spec(model), config.block_size))
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, fast=config.fast_decoder)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.chunked_prefill), self.blocks, self._block_keys)
         self.requests: dict[str, Request] = {}

@@ -7,8 +7,9 @@ fusion), the item encoder's vector at content-mode <item> placeholders. Those ve
 once per request when it is first scheduled; image features come from an image-embedding cache
 keyed by the image's hash, so a catalogue image is encoded once for all requests. In cross-attention
 mode the decoder's gated cross-attention blocks get each token's image index, as in a full forward
-pass. Attention is the paged implementation in `attention.py`, called by the decoder's attention
-modules through transformers' attention interface: the same weights, the same code path as training.
+pass. The decoder runs as `decoder.FastDecoder` (plain tensor code over the same weights, q/k/v and
+gate/up fused) when it knows the architecture, otherwise through the language model's own modules
+with the paged attention in `attention.py` registered in transformers' attention interface.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import attention
+from .decoder import FastDecoder, unsupported
 from .kv_cache import KVCache, kv_spec
 from .sequence import Request, Sequence
 
@@ -32,11 +34,12 @@ class RequestEmbeds:
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, image_cache_size: int = 4096):
+    def __init__(self, model, num_blocks: int, block_size: int, image_cache_size: int = 4096, fast: bool = True):
         self.model = model
         self.cfg = model.config
         self.lm = model.model.language_model
         self.lm.config._attn_implementation = attention.register()
+        self.fast = FastDecoder(self.lm, model.model.cross_attn, model.lm_head) if fast and unsupported(self.lm) is None else None
         spec = kv_spec(model)
         self.device, self.dtype = spec["device"], spec["dtype"]
         self.cache = KVCache(spec["num_layers"], num_blocks, block_size, spec["kv_heads"], spec["head_dim"],
@@ -166,6 +169,7 @@ class ModelRunner:
             if b > a:
                 embeds[row + e.positions[a:b] - lo] = e.vectors[a:b]
         model = self.model.model
+        ctx = None
         if xattn:
             feats, token_image = [], torch.full((len(ids),), -1, dtype=torch.long)
             base = 0
@@ -174,13 +178,18 @@ class ModelRunner:
                 token_image[row : row + hi - lo] = torch.where(ti >= 0, ti + base, -1)
                 feats.append(req.embeds.feats)
                 base += len(req.embeds.feats)
-            model._xattn_ctx = (torch.cat(feats), token_image[None].to(self.device))
-        try:
-            out = self.lm(inputs_embeds=embeds[None], position_ids=torch.tensor([pos], device=self.device),
-                          use_cache=False, paged=meta)
-        finally:
-            model._xattn_ctx = None
+            ctx = (torch.cat(feats), token_image[None].to(self.device))
+        positions = torch.tensor(pos, device=self.device)
+        if self.fast is not None:
+            last = self.fast(embeds, positions, meta, ctx)
+        else:
+            model._xattn_ctx = ctx
+            try:
+                last = self.lm(inputs_embeds=embeds[None], position_ids=positions[None], use_cache=False,
+                               paged=meta).last_hidden_state[0]
+            finally:
+                model._xattn_ctx = None
         if not sample_rows:
             return [], torch.empty(0), torch.empty(0)
-        hidden = out.last_hidden_state[0, sample_rows]
-        return sample_seqs, hidden, self.model.lm_head(hidden)
+        hidden = last[sample_rows]
+        return sample_seqs, hidden, (self.fast.logits if self.fast is not None else self.model.lm_head)(hidden)
