@@ -39,23 +39,25 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
     from recfm.training import TrainConfig, train
 
     common = dict(domain=str(domain_dir), preset=args.preset, seed=seed, batch_size=8, logging_steps=20,
-                  save_steps=10_000, max_history=args.max_history, max_tokens=1024, **VARIANTS[variant])
-    final = work / f"{variant}-s{seed}"
+                  save_steps=10_000, max_history=args.max_history, max_tokens=1024, split=args.split,
+                  cold_fraction=args.cold_fraction, **VARIANTS[variant])
+    name = f"{variant}-s{seed}" + ("-cold" if args.split == "cold_items" else "")
+    final = work / name
     if args.reuse and (final / "run.json").exists():  # evaluate a run this script trained before
         info = json.loads((final / "run.json").read_text())
-        pre_info = json.loads((work / f"{variant}-s{seed}-pre" / "run.json").read_text())
-        report = evaluate(final, domain_dir, tasks=["next_item"], seed=seed, progress=False)
+        pre_info = json.loads((work / f"{name}-pre" / "run.json").read_text())
+        report = evaluate(final, domain_dir, tasks=["next_item"], seed=seed, progress=False, split=args.split)
         return result(report, info["train_runtime_s"] + pre_info["train_runtime_s"])
     t0 = time.perf_counter()
-    pre = train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(work / f"{variant}-s{seed}-pre"),
+    pre = train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(work / f"{name}-pre"),
                             max_steps=args.pretrain_steps, lr=2e-3, **common), progress=False)
     for k in ("vision", "fusion", "item_mode", "item_layout"):  # the model's own, from the pretrained run
         common.pop(k, None)
-    run = train(TrainConfig(stage="tune", init_from=str(pre), output=str(work / f"{variant}-s{seed}"),
+    run = train(TrainConfig(stage="tune", init_from=str(pre), output=str(final),
                             max_steps=args.tune_steps, lr=1e-3, tasks={"next_item": 2.0, "pick_candidate": 1.0},
                             **common), progress=False)
     train_s = time.perf_counter() - t0
-    report = evaluate(run, domain_dir, tasks=["next_item"], seed=seed, progress=False)
+    report = evaluate(run, domain_dir, tasks=["next_item"], seed=seed, progress=False, split=args.split)
     return result(report, train_s)
 
 
@@ -71,7 +73,7 @@ def result(report: dict, train_s: float) -> dict:
     pop = ndcg_per_user([pop_rank[u] for u in users])
     return {"seen": report["tasks"]["next_item"]["seen"], "held_out": report["tasks"]["next_item"]["held_out"],
             "train_s": train_s, "baselines": report["baselines"], "per_user_ndcg": per_user,
-            "vs_popularity": paired_test([per_user[u] for u in users], pop)}
+            "vs_popularity": paired_test([per_user[u] for u in users], pop), "users": report["users"]}
 
 
 def main():
@@ -86,6 +88,10 @@ def main():
     ap.add_argument("--vq-steps", type=int, default=800)
     ap.add_argument("--sasrec-epochs", type=int, default=50)
     ap.add_argument("--no-sasrec", action="store_true")
+    ap.add_argument("--split", default="leave_one_out", choices=["leave_one_out", "cold_items"],
+                    help="cold_items: train without a seeded share of the items and rank each user's first of them "
+                         "(content/semantic variants; SASRec is not run)")
+    ap.add_argument("--cold-fraction", type=float, default=0.05)
     ap.add_argument("--reuse", action="store_true", help="evaluate runs already trained under --work instead of training")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "recfm" / "bench")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -112,7 +118,7 @@ def main():
             raw[f"recfm/{variant}/seed{seed}"] = r
             rows.append((f"recfm {variant} (seen template)", seed, r["seen"], r["train_s"]))
             rows.append((f"recfm {variant} (held-out template)", seed, r["held_out"], r["train_s"]))
-        if not args.no_sasrec:
+        if not args.no_sasrec and args.split == "leave_one_out":
             from sasrec_recbole import run_sasrec
 
             t0 = time.perf_counter()
@@ -136,11 +142,16 @@ def main():
                "threads": torch.get_num_threads()}
     raw["machine"] = machine
     header = ["ranker", "seed", *METRICS, "train (s)"]
+    n_eval = next((v["users"] for k, v in raw.items() if k.startswith("recfm/")), "?")
     lines = [f"# Next-item prediction on {domain.name}", "",
-             f"Leave-one-out test, full ranking over {len(domain.item_ids)} items, history masked, "
-             f"{len(domain.sequences)} users. recfm: `{args.preset}` preset, {args.pretrain_steps} pretraining + "
+             (f"Leave-one-out test, full ranking over {len(domain.item_ids)} items, history masked, "
+              f"{len(domain.sequences)} users." if args.split == "leave_one_out" else
+              f"Cold items: {args.cold_fraction:.0%} of the items (seeded draw, cold_seed 0) never in training; each user "
+              f"who later consumed one is asked for the first of them from the warm items before it, full ranking over "
+              f"all {len(domain.item_ids)} items, history masked; {n_eval} users.")
+             + " recfm: `{args.preset}` preset, {args.pretrain_steps} pretraining + "
              f"{args.tune_steps} tuning steps of batch 8, history {args.max_history} items. "
-             + ("SASRec not run (--no-sasrec)." if args.no_sasrec else
+             + ("SASRec not run." if args.no_sasrec or args.split != "leave_one_out" else
                 f"SASRec: RecBole 1.2.1 defaults except CE loss, 2 layers, hidden 64, {args.sasrec_epochs} epochs max with "
                 "early stopping on validation NDCG@10; its test (user, item) pairs were checked equal to recfm's.")
              + " train (s): wall-clock seconds of pretraining + tuning as recorded when the run was trained.", "",

@@ -240,6 +240,8 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
     seed: int = typer.Option(0, help="seed for negatives and image sampling"),
     quantization: str = _QUANT,
+    split: str = typer.Option("leave_one_out", help="leave_one_out, or cold_items for a run trained with that split "
+                                                     "(next-item prediction of items it never saw)"),
 ):
     """Evaluate every task family against baselines; writes JSON and a PNG plot."""
     from recfm.eval.report import print_report
@@ -247,7 +249,7 @@ def eval_(
 
     try:
         report = evaluate(run, data, tasks=tasks.split(",") if tasks else None, stage=stage, max_users=max_users, seed=seed,
-                          quantization=quantization)
+                          quantization=quantization, split=split)
     except ValueError as e:
         _fail(str(e))
     out = save_report(report, output or run / "eval")

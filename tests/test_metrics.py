@@ -64,3 +64,20 @@ def test_ndcg_per_user_matches_the_mean():
     per = M.ndcg_per_user(ranks, 10)
     assert per[0] == 1.0 and per[2] == pytest.approx(1 / math.log2(11)) and per[3] == 0.0 and per[4] == 0.0
     assert per.mean() == pytest.approx(M.ranking_metrics(ranks)["ndcg@10"])
+
+
+def test_random_ranking_metrics_by_hand():
+    from recfm.eval.metrics import random_ranking_metrics
+
+    m = random_ranking_metrics([4, 2], ks=(1, 3))
+    # n = 4: HR@1 1/4, HR@3 3/4; n = 2: HR@1 1/2, HR@3 1 (only two places)
+    assert m["hr@1"] == pytest.approx((1 / 4 + 1 / 2) / 2)
+    assert m["hr@3"] == pytest.approx((3 / 4 + 1) / 2)
+    d = [1.0, 1 / np.log2(3), 0.5]
+    assert m["ndcg@3"] == pytest.approx((sum(d) / 4 + sum(d[:2]) / 2) / 2)
+    assert m["mrr"] == pytest.approx(((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4 + (1 + 1 / 2) / 2) / 2)
+    # the same in expectation as ranking_metrics over every place the target can take
+    from recfm.eval.metrics import ranking_metrics
+
+    exact = ranking_metrics(np.arange(5), ks=(1, 3))
+    assert random_ranking_metrics([5], ks=(1, 3)) == pytest.approx(exact)

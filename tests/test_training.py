@@ -166,6 +166,36 @@ def test_eval_reports_every_task_with_baselines(tuned_run, small_default, tmp_pa
     assert (out / "eval.png").stat().st_size > 1000 and json.loads((out / "eval.json").read_text())["users"] == 12
 
 
+def test_cold_item_split_trains_without_the_cold_items_and_ranks_them(small_default, tok_dir, tmp_path):
+    """split cold_items: training never sees the cold items (not in examples, vocabulary order last),
+    the run records its draw, evaluation asks for cold items only and refuses a run that saw them."""
+    from recfm.data import cold_item_split
+    from recfm.eval.runner import evaluate
+    from recfm.tokenizers.bundle import Tokenizers
+
+    cold = dict(split="cold_items", cold_fraction=0.1, cold_seed=3)
+    pre = train(TrainConfig(stage="pretrain", domain=str(small_default.path), tokenizers=str(tok_dir), output=str(tmp_path / "pre"),
+                            max_steps=2, item_mode="content", **cold, **TINY), progress=False)
+    info = json.loads((pre / "run.json").read_text())["split"]
+    split = cold_item_split(small_default, 0.1, 3)
+    assert info["name"] == "cold_items" and info["cold_items"] == list(split.cold_items)
+    index = Tokenizers(pre).index
+    assert set(index.item_ids[index.n_train_items:]) >= set(split.cold_items)  # never-seen items come last
+    with pytest.raises(ValueError, match="other cold items"):
+        train(TrainConfig(stage="tune", domain=str(small_default.path), init_from=str(pre), output=str(tmp_path / "x"),
+                          max_steps=1, split="cold_items", cold_fraction=0.2, cold_seed=3, **TINY), progress=False)
+    with pytest.raises(ValueError, match="content or semantic"):
+        TrainConfig(stage="pretrain", domain=str(small_default.path), tokenizers=str(tok_dir), **cold).validate()
+
+    report = evaluate(pre, small_default.path, split="cold_items", progress=False)
+    assert report["split"] == "cold_items" and report["users"] == len(split.test) > 0
+    assert set(report["tasks"]) == {"next_item"}
+    assert {"random", "popularity"} <= set(report["baselines"])
+    assert report["baselines"]["random"]["hr@10"] == pytest.approx(10 / 80, rel=0.2)
+    with pytest.raises(ValueError, match="cold items were in its training data"):
+        evaluate(tmp_path / "missing-run-json", small_default.path, split="cold_items")
+
+
 def test_lora_finetune_on_a_new_domain_through_the_generic_importer(small_default, tok_dir, tmp_path):
     import torch
     from safetensors import safe_open

@@ -2,9 +2,9 @@
 
 from .domain import Domain, InteractionRow, ItemRow, UserRow, load_domain, write_domain
 from .errors import DataError, RowIssues
-from .splits import ItemIndex, Split, cold_item_split, leave_one_out
+from .splits import SPLITS, ItemIndex, Split, cold_item_split, leave_one_out, make_split
 
 __all__ = [
     "DataError", "Domain", "InteractionRow", "ItemIndex", "ItemRow", "RowIssues", "Split", "UserRow",
-    "cold_item_split", "leave_one_out", "load_domain", "write_domain",
+    "SPLITS", "cold_item_split", "leave_one_out", "make_split", "load_domain", "write_domain",
 ]

@@ -160,6 +160,18 @@ def cold_item_split(domain: Domain, fraction: float = 0.05, seed: int = 0) -> Sp
     )
 
 
+SPLITS = ("leave_one_out", "cold_items")
+
+
+def make_split(domain: Domain, name: str = "leave_one_out", cold_fraction: float = 0.05, cold_seed: int = 0) -> Split:
+    """The split a run trains or is evaluated on, by name (training configs and `recfm eval --split`)."""
+    if name == "leave_one_out":
+        return leave_one_out(domain)
+    if name == "cold_items":
+        return cold_item_split(domain, cold_fraction, cold_seed)
+    raise ValueError(f"unknown split {name!r}; use one of {SPLITS}")
+
+
 class ItemIndex:
     """Item id <-> integer index (vocabulary order), built from the training split only."""
 

@@ -32,6 +32,23 @@ def ranking_metrics(ranks: np.ndarray, ks=DEFAULT_KS) -> dict[str, float]:
     return out
 
 
+def random_ranking_metrics(n_candidates, ks=DEFAULT_KS) -> dict[str, float]:
+    """What a uniformly random ranking scores in expectation, with each user's target uniformly placed
+    among their n_candidates unmasked items: HR@K = K / n, NDCG@K = sum_{r<K} 1/log2(r+2) / n,
+    MRR = H_n / n, averaged over users."""
+    out = {}
+    ns = np.asarray(n_candidates, dtype=np.int64)
+    disc = 1.0 / np.log2(np.arange(int(ns.max())) + 2.0)
+    cum_disc = np.cumsum(disc)
+    harmonic = np.cumsum(1.0 / np.arange(1, int(ns.max()) + 1))
+    for k in ks:
+        top = np.minimum(k, ns)
+        out[f"hr@{k}"] = float((top / ns).mean())
+        out[f"ndcg@{k}"] = float((cum_disc[top - 1] / ns).mean())
+    out["mrr"] = float((harmonic[ns - 1] / ns).mean())
+    return out
+
+
 def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
     """Each user's NDCG@k (one relevant item), for paired comparisons."""
     ranks = np.asarray(ranks, dtype=np.float64)

@@ -219,15 +219,35 @@ def _by_template(rows, values, fn) -> dict:
     return out
 
 
+def _cold_settings(run_dir: Path) -> dict:
+    """The cold draw a run was trained without, from its run.json; an error if it trained on them."""
+    info = run_dir / "run.json"
+    trained = json.loads(info.read_text()).get("split", {}) if info.is_file() else {}
+    if trained.get("name") != "cold_items":
+        raise ValueError(f"{run_dir} was trained on split {trained.get('name', 'leave_one_out')!r}, so the cold items "
+                         "were in its training data; evaluate the cold-item split on a run trained with split cold_items")
+    return trained
+
+
 def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str = "test", max_users: int | None = None,
              templates: str = "first", batch_size: int = 16, seed: int = 0, progress: bool = True,
-             quantization: str = "none") -> dict:
-    """Metrics of every task (seen vs held-out templates) and the baselines, as a dict."""
-    from ..data import leave_one_out, load_domain
+             quantization: str = "none", split: str = "leave_one_out") -> dict:
+    """Metrics of every task (seen vs held-out templates) and the baselines, as a dict. With split
+    "cold_items" (a run trained with that split): next-item prediction of each user's first cold item
+    from the warm items before it, full ranking over every item, against a random ranking."""
+    from ..data import load_domain, make_split
     from ..instructions.examples import TASKS, build_eval_examples
 
     domain = load_domain(domain_dir)
-    split = leave_one_out(domain)
+    split_name = split
+    if split_name == "cold_items":
+        cold = _cold_settings(Path(run_dir))
+        split = make_split(domain, "cold_items", cold["cold_fraction"], cold["cold_seed"])
+        if tasks and set(tasks) - {"next_item"}:
+            raise ValueError("the cold-item split evaluates next_item only")
+        tasks, stage = ["next_item"], "test"
+    else:
+        split = make_split(domain, split_name)
     run = LoadedRun(run_dir, domain, quantization=quantization)
     tasks = list(tasks or TASKS)
     if run.tok.vq is None or run.model.config.image_codebook_size == 0:
@@ -247,7 +267,8 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
     examples = split.valid if stage == "valid" else split.test
     if max_users is not None:
         examples = examples.select(range(min(max_users, len(examples))))
-    report: dict = {"run": str(run_dir), "domain": domain.name, "stage": stage, "users": len(examples), "seed": seed,
+    report: dict = {"run": str(run_dir), "domain": domain.name, "split": split_name, "stage": stage,
+                    "users": len(examples), "seed": seed,
                     "item_mode": run.model.config.item_mode, "fusion": run.model.config.fusion,
                     "vision": run.model.config.vision_config is not None, "tasks": {}, "baselines": {}, "per_example": {}}
     T = report["tasks"]
@@ -260,6 +281,10 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
         pop = popularity_ranks(split, list(examples), domain.item_ids)
         report["baselines"]["popularity"] = M.ranking_metrics(pop)
         report["per_example"]["popularity"] = [{"user_id": e["user_id"], "rank": k} for e, k in zip(examples, pop)]
+        if split_name == "cold_items":
+            report["cold_items"] = len(split.cold_items)
+            report["baselines"]["random"] = M.random_ranking_metrics(
+                [len(domain.item_ids) - len(set(e["history"])) for e in examples])
         if domain.generator is not None:  # the oracle on exactly these examples
             from ..data.oracle import oracle_metrics
 

@@ -39,6 +39,20 @@ class Tokenizers:
                 self.text.add_tokens(self.vq.token_strings(), special_tokens=True)
             self.image_codes = json.loads((folder / "image_codes.json").read_text())
 
+    def reindex(self, domain, train_split) -> Tokenizers:
+        """A new item index (vocabulary order) from `train_split` of the same domain: a cold-item run
+        must not order its cold items by how popular they were in another split's training data.
+        Content ids follow the index; semantic ids are codes of each item's content and do not move."""
+        from ..data import ItemIndex
+        from .items import ContentItemTokenizer
+
+        if self.item_mode == "atomic":
+            raise ValueError("atomic item ids are the item index itself; re-index before tokenizing instead")
+        self.index = ItemIndex.from_training(train_split, domain.item_ids)
+        if self.item_mode == "content":
+            self.items = ContentItemTokenizer(self.index.item_ids).bind(self.text)
+        return self
+
     def for_domain(self, domain, train_split) -> Tokenizers:
         """Re-point these tokenizers at a new domain (fine-tuning): a new item index from its training
         split, and its images' VQ codes. Only content ids carry over without new vocabulary; atomic and

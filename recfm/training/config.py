@@ -32,6 +32,9 @@ class TrainConfig:
     text_path: str | None = None  # bring your own: a local Hugging Face causal LM checkpoint
     vision_path: str | None = None  # bring your own: a local CLIP/SigLIP checkpoint
     # --- data ---
+    split: str = "leave_one_out"  # leave_one_out | cold_items (train without a seeded share of the items, to measure new ones)
+    cold_fraction: float = 0.05  # cold_items: the share of items left out of training
+    cold_seed: int = 0  # cold_items: which items (kept apart from `seed`, so runs of several seeds share them)
     tasks: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))  # task mixture (tune)
     per_user: int = 3  # (history -> next item) points drawn per user's training sequence
     max_history: int = 20  # history items per prompt (oldest dropped first)
@@ -90,6 +93,15 @@ class TrainConfig:
 
         if self.item_layout not in ITEM_LAYOUTS:
             raise ValueError(f"item_layout must be one of {ITEM_LAYOUTS}, got {self.item_layout!r}")
+        from ..data.splits import SPLITS
+
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.split == "cold_items" and not self.init_from and self.item_mode == "atomic":
+            raise ValueError("split cold_items needs content or semantic item ids: an atomic id of an item that is "
+                             "never in training is never trained (item_mode: content or semantic)")
+        if not 0 < self.cold_fraction < 1:
+            raise ValueError(f"cold_fraction must be between 0 and 1, got {self.cold_fraction}")
         unknown = set(self.tasks) - set(DEFAULT_TASK_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown task(s) in the mixture: {sorted(unknown)}")

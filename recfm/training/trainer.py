@@ -98,6 +98,21 @@ def _drop_too_long(examples, collator):
     return (examples.select(keep) if dropped else examples), dropped
 
 
+def _check_same_cold_items(cfg: TrainConfig, init_from: Path) -> None:
+    """A cold-item run may only continue a run that never saw those items (the same cold draw)."""
+    if cfg.split != "cold_items" or cfg.stage == "finetune":
+        return
+    info = init_from / "run.json"
+    before = json.loads(info.read_text()).get("split", {}) if info.is_file() else {}
+    same = before.get("name") == "cold_items" and before.get("cold_fraction") == cfg.cold_fraction \
+        and before.get("cold_seed") == cfg.cold_seed
+    if not same:
+        raise ValueError(f"{init_from} was trained on split {before.get('name', 'leave_one_out')!r}"
+                         f"{'' if before.get('name') != 'cold_items' else ' with other cold items'}: its training data "
+                         f"holds this run's cold items; start from a run trained with the same split, cold_fraction "
+                         f"and cold_seed")
+
+
 def plot_losses(log_history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -121,7 +136,7 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
 def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None) -> Path:
     """Run one stage; returns the run folder (loadable with from_pretrained). `callbacks` are
     transformers TrainerCallbacks (metrics, early stopping, checks)."""
-    from ..data import ItemIndex, leave_one_out, load_domain
+    from ..data import ItemIndex, load_domain, make_split
     from ..foundation import RecFMForCausalLM
     from ..foundation.build import build_model
     from ..tokenizers.bundle import Tokenizers
@@ -133,11 +148,12 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.yaml").write_text(cfg.to_yaml())
     domain = load_domain(cfg.domain)
-    split = leave_one_out(domain)
+    split = make_split(domain, cfg.split, cfg.cold_fraction, cfg.cold_seed)
     losses = dict(focal_gamma=cfg.focal_gamma,
                   context_loss_weight=cfg.context_loss_weight or (1.0 if cfg.stage == "pretrain" else 0.0),
                   contrastive_loss_weight=cfg.contrastive_loss_weight or (0.1 if cfg.stage == "pretrain" else 0.0))
     if cfg.init_from:
+        _check_same_cold_items(cfg, Path(cfg.init_from))
         tokenizers = Tokenizers(cfg.init_from)
         model = RecFMForCausalLM.from_pretrained(cfg.init_from)
         for k, v in losses.items():
@@ -147,9 +163,13 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
             model.model.resize_catalogue(len(tokenizers.items))
     else:
         tokenizers = Tokenizers(cfg.tokenizers, cfg.item_mode)
+        if cfg.split == "cold_items":  # the vocabulary order from this split's training data: cold items last
+            tokenizers.reindex(domain, split.train)
         model = build_model(cfg.preset, tokenizers, fusion=cfg.fusion, vision=cfg.vision, image_tokens=cfg.image_tokens,
                             text_path=cfg.text_path, vision_path=cfg.vision_path, item_layout=cfg.item_layout, **losses)
     mc = model.config
+    if cfg.split == "cold_items" and mc.item_mode == "atomic":
+        raise ValueError(f"{cfg.init_from} has atomic item ids: split cold_items needs content or semantic ids")
     images = ItemImages(domain, mc.vision_config.image_size) if mc.vision_config is not None else None
     if mc.item_mode == "content":
         content_catalogue(model, tokenizers, domain, images)
@@ -190,7 +210,9 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     model.save_pretrained(out)
     tokenizers.save_pretrained(out)
     (out / "run.json").write_text(json.dumps({
-        "stage": cfg.stage, "domain": str(Path(cfg.domain).resolve()), "item_mode": mc.item_mode, "fusion": mc.fusion,
+        "stage": cfg.stage, "domain": str(Path(cfg.domain).resolve()),
+        "split": {"name": cfg.split, **({"cold_fraction": cfg.cold_fraction, "cold_seed": cfg.cold_seed,
+                                         "cold_items": list(split.cold_items)} if cfg.split == "cold_items" else {})}, "item_mode": mc.item_mode, "fusion": mc.fusion,
         "vision": mc.vision_config is not None, "examples": len(examples), "dropped_too_long": too_long, "steps": trainer.state.global_step,
         "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
         "train_runtime_s": next((h["train_runtime"] for h in reversed(trainer.state.log_history) if "train_runtime" in h), None),
