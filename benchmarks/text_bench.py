@@ -1,0 +1,148 @@
+"""Explanation and review generation, and rating prediction, on Amazon reviews: recfm against the
+retrieval baseline (the training review most similar to the request) and the user/item mean rating.
+
+    python benchmarks/text_bench.py [--input ../shared/data/amazon-musical-instruments-5core]
+        [--seeds 0] [--pretrain-steps N --tune-steps N --max-users N]
+
+Leave-one-out by time; the test review of each user is the reference. The converted domain, the
+tokenizers and the runs go under --work (default ~/.cache/recfm/bench), never into the repository.
+Writes benchmarks/results/text_<domain>.md/.json/.png with the machine and every setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_INPUT = ROOT.parent / "shared" / "data" / "amazon-musical-instruments-5core"
+TASKS = ("explanation", "review", "rating")
+TEXT_METRICS = ("bleu4", "rouge1", "rouge2", "rougeL")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="an Amazon reviews 5-core file or its folder")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--pretrain-steps", type=int, default=200)
+    ap.add_argument("--tune-steps", type=int, default=300)
+    ap.add_argument("--max-history", type=int, default=10)
+    ap.add_argument("--max-users", type=int, default=300, help="test users evaluated (generation is the slow part)")
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "recfm" / "bench")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args()
+    if not args.input.exists():
+        sys.exit(f"{args.input} is missing: this benchmark needs the Amazon reviews data (see ../shared/data/README.md)")
+
+    from recfm.data.amazon import prepare_amazon
+    from recfm.eval.runner import evaluate
+    from recfm.tokenizers.build import tokenize_domain
+    from recfm.training import TrainConfig, train
+
+    data_dir = Path.home() / ".cache" / "recfm" / "data" / "amazon"
+    if not (data_dir / "domain.json").exists():
+        prepare_amazon(args.input, data_dir, overwrite=True, progress=False)
+    work = args.work / "amazon"
+    tok_dir = work / "tokenizers"
+    if not (tok_dir / "tokenizers.json").exists():
+        tokenize_domain(data_dir, tok_dir, vocab_size=4096, progress=False)
+    raw: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "runs": {}}
+    rows = []
+    baselines = None
+    for seed in args.seeds:
+        common = dict(domain=str(data_dir), preset=args.preset, seed=seed, batch_size=8, logging_steps=20,
+                      save_steps=10_000, max_history=args.max_history, max_tokens=1024)
+        t0 = time.perf_counter()
+        pre = work / f"s{seed}-pre"
+        if not (pre / "run.json").exists():
+            train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(pre), vision=None,
+                              max_steps=args.pretrain_steps, lr=2e-3, **common), progress=False)
+        run = work / f"s{seed}"
+        if not (run / "run.json").exists():
+            train(TrainConfig(stage="tune", init_from=str(pre), output=str(run), max_steps=args.tune_steps, lr=1e-3,
+                              tasks={"explanation": 1.0, "review": 1.0, "rating": 1.0}, **common), progress=False)
+        train_s = sum(json.loads((p / "run.json").read_text())["train_runtime_s"] or 0 for p in (pre, run))
+        t1 = time.perf_counter()
+        report = evaluate(run, data_dir, tasks=list(TASKS), max_users=args.max_users, seed=seed, progress=True)
+        eval_s = time.perf_counter() - t1
+        baselines = report["baselines"]
+        raw["runs"][f"seed{seed}"] = {"tasks": report["tasks"], "baselines": baselines, "train_s": train_s,
+                                      "eval_s": eval_s, "wall_s": time.perf_counter() - t0,
+                                      "examples": {t: report["per_example"].get(t, [])[:5] for t in ("explanation", "review")}}
+        for task in TASKS:
+            for which in ("seen", "held_out"):
+                m = report["tasks"].get(task, {}).get(which)
+                if m:
+                    rows.append((f"recfm {task} ({which.replace('_', '-')} template)", seed, task, m))
+    for task in ("explanation", "review"):
+        if baselines and f"{task}_retrieval" in baselines:
+            rows.append((f"retrieval {task} (most similar training review)", "-", task, baselines[f"{task}_retrieval"]))
+    if baselines and "rating_user_item_mean" in baselines:
+        rows.append(("user/item mean rating", "-", "rating", baselines["rating_user_item_mean"]))
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "threads": torch.get_num_threads()}
+    raw["machine"] = machine
+    from recfm.data import load_domain
+
+    domain = load_domain(data_dir)
+    lines = [f"# Text generation and rating prediction on {domain.name}", "",
+             f"Leave-one-out test (each user's last review), the first {args.max_users} test users, first seen and first "
+             f"held-out template per task. recfm: `{args.preset}` preset, text only (the data has no images), "
+             f"{args.pretrain_steps} pretraining + {args.tune_steps} tuning steps of batch 8 over explanation, review and "
+             f"rating, history {args.max_history} items, greedy answers of at most 48 tokens. BLEU-4 (sacrebleu) and "
+             "ROUGE (rouge-score) in percent of the whole test review; the retrieval baseline answers with the training "
+             "review most similar to the request, in full. Rating: the expected value over the digits 1-5.", "",
+             "| system | seed | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-L | RMSE | MAE |", "|---|---|---|---|---|---|---|---|"]
+    for name, seed, task, m in rows:
+        cells = [f"{m[k]:.2f}" if k in m else "" for k in TEXT_METRICS] + [f"{m[k]:.3f}" if k in m else "" for k in ("rmse", "mae")]
+        lines.append("| " + " | ".join([name, str(seed), *cells]) + " |")
+    for key, r in raw["runs"].items():
+        lines += ["", f"{key}: training {r['train_s']:.0f} s, evaluation {r['eval_s']:.0f} s."]
+    lines += ["", f"Machine: {json.dumps(machine)}", f"Settings: {json.dumps(raw['settings'])}"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"text_{domain.name}"
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=float) + "\n")
+    plot(rows, stem.with_suffix(".png"), domain.name)
+    print("\n".join(lines))
+
+
+def plot(rows, out: Path, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    text = [(n, m) for n, _, t, m in rows if t != "rating"]
+    labels = [n.replace(" template", "").replace(" (most similar training review)", "") for n, _ in text]
+    for k, metric in enumerate(("bleu4", "rougeL")):
+        axes[0].barh([y + 0.4 * k for y in range(len(text))], [m.get(metric, 0) for _, m in text], height=0.4,
+                     label=metric)
+    axes[0].set_yticks([y + 0.2 for y in range(len(text))], labels, fontsize=7)
+    axes[0].set_xlabel("percent")
+    axes[0].legend()
+    axes[0].set_title("explanation / review generation")
+    rating = [(n, m) for n, _, t, m in rows if t == "rating"]
+    axes[1].barh(range(len(rating)), [m["rmse"] for _, m in rating])
+    axes[1].set_yticks(range(len(rating)), [n.replace(" template", "") for n, _ in rating], fontsize=7)
+    axes[1].set_xlabel("RMSE (lower is better)")
+    axes[1].set_title("rating")
+    fig.suptitle(name)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
