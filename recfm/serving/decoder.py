@@ -134,10 +134,9 @@ class FastDecoder:
         self.norm = _rms(lm.norm)
         self.head = head
         if head is not None and _plain(head) and head.out_features > self.HEAD_SLICE:
-            slices = [(w, None if head.bias is None else b) for w, b in zip(
-                head.weight.detach().split(self.HEAD_SLICE),
-                head.bias.detach().split(self.HEAD_SLICE) if head.bias is not None else [None] * head.out_features)]
-            self.head = lambda h: torch.cat([F.linear(h, w, b) for w, b in slices], dim=-1)
+            weights = head.weight.detach().split(self.HEAD_SLICE)  # views: no copy
+            biases = head.bias.detach().split(self.HEAD_SLICE) if head.bias is not None else [None] * len(weights)
+            self.head = lambda h: torch.cat([F.linear(h, w, b) for w, b in zip(weights, biases)], dim=-1)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
