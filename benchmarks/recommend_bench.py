@@ -149,7 +149,7 @@ def main():
               f"Cold items: {args.cold_fraction:.0%} of the items (seeded draw, cold_seed 0) never in training; each user "
               f"who later consumed one is asked for the first of them from the warm items before it, full ranking over "
               f"all {len(domain.item_ids)} items, history masked; {n_eval} users.")
-             + " recfm: `{args.preset}` preset, {args.pretrain_steps} pretraining + "
+             + f" recfm: `{args.preset}` preset, {args.pretrain_steps} pretraining + "
              f"{args.tune_steps} tuning steps of batch 8, history {args.max_history} items. "
              + ("SASRec not run." if args.no_sasrec or args.split != "leave_one_out" else
                 f"SASRec: RecBole 1.2.1 defaults except CE loss, 2 layers, hidden 64, {args.sasrec_epochs} epochs max with "
