@@ -38,8 +38,9 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write(name: str, markdown: str, data: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(markdown.rstrip() + "\n")
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=float) + "\n")
-    return RESULTS / f"{name}.md"
+def write(name: str, markdown: str, data: dict, out: Path = RESULTS) -> Path:
+    """out/name.md and out/name.json; returns the .md path (a plot goes next to it, .with_suffix(".png"))."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=float) + "\n")
+    return out / f"{name}.md"

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine as machine_info  # noqa: E402
+from common import write as write_result  # noqa: E402
 
 VARIANTS = {  # name -> training config overrides
     "early-atomic": dict(fusion="early", item_mode="atomic"),
@@ -137,9 +138,7 @@ def main():
     summary = {name: {k: (float(np.mean([m[k] for m in ms])), float(np.std([m[k] for m in ms]))) for k in METRICS if k in ms[0]}
                for name, ms in by_name.items() if len(ms) > 1}
     raw["mean_std_over_seeds"] = summary
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-               "threads": torch.get_num_threads()}
+    machine = machine_info()
     raw["machine"] = machine
     header = ["ranker", "seed", *METRICS, "train (s)"]
     n_eval = next((v["users"] for k, v in raw.items() if k.startswith("recfm/")), "?")
@@ -181,10 +180,7 @@ def main():
                 raw[f"recfm/{v}/seed{seed}"]["vs_first_variant"] = t
                 lines.append(f"- {v}, seed {seed}: mean difference {t['mean_diff']:+.4f} over {t['n']} users, p = {t['p_value']:.4f}")
     lines += ["", f"Machine: {json.dumps(machine)}", f"Settings: {json.dumps(raw['settings'])}"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / (args.name or f"recommend_{domain.name}")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=float) + "\n")
+    stem = write_result(args.name or f"recommend_{domain.name}", "\n".join(lines), raw, args.out)
     plot(rows, stem.with_suffix(".png"), domain.name)
     print("\n".join(lines))
 

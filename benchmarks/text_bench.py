@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine as machine_info  # noqa: E402
+from common import write as write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_INPUT = ROOT.parent / "shared" / "data" / "amazon-musical-instruments-5core"
@@ -88,9 +90,7 @@ def main():
             rows.append((f"retrieval {task} (most similar training review)", "-", task, baselines[f"{task}_retrieval"]))
     if baselines and "rating_user_item_mean" in baselines:
         rows.append(("user/item mean rating", "-", "rating", baselines["rating_user_item_mean"]))
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-               "threads": torch.get_num_threads()}
+    machine = machine_info()
     raw["machine"] = machine
     from recfm.data import load_domain
 
@@ -109,10 +109,7 @@ def main():
     for key, r in raw["runs"].items():
         lines += ["", f"{key}: training {r['train_s']:.0f} s, evaluation {r['eval_s']:.0f} s."]
     lines += ["", f"Machine: {json.dumps(machine)}", f"Settings: {json.dumps(raw['settings'])}"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"text_{domain.name}"
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=float) + "\n")
+    stem = write_result(f"text_{domain.name}", "\n".join(lines), raw, args.out)
     plot(rows, stem.with_suffix(".png"), domain.name)
     print("\n".join(lines))
 
