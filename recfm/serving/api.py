@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hmac
 import io
 import itertools
-import hmac
 import json
 import time
 import uuid

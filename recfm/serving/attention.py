@@ -1,8 +1,8 @@
 """Paged attention, registered with transformers' attention interface as "recfm_paged".
 
 `paged_attention` gets the query/key/value of one flattened batch, from the engine's decoder pass
-(`decoder.py`) or, through `paged_attention_forward`, from the decoder's own attention modules: every scheduled token of every sequence in a single row
-(batch size 1), positions given per token. The function writes the new keys and values into the
+(`decoder.py`) or, through `paged_attention_forward`, from the decoder's own attention modules:
+every scheduled token of every sequence in a single row (batch size 1), positions given per token. The function writes the new keys and values into the
 paged cache at their slots, then attends:
 
 - decode tokens (one per sequence) together, in one SDPA call over each sequence's gathered blocks

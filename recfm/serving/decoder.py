@@ -4,7 +4,7 @@ A serving step at 16-64 sequences is a few milliseconds of matrix work and, thro
 modules, as much again of Python: module dispatch, output-capturing and deprecation wrappers, a mask
 builder that builds nothing, per-call shape checks. This pass runs the same computation as a Llama-
 family decoder layer (RMSNorm, q/k/v projections, rotary embedding, attention, o projection, SwiGLU
-MLP, residuals) with two changes that do not change the weights:
+MLP, residuals; the norms are the model's own modules) with changes that do not change the weights:
 
 - q, k and v are one matrix product, and so are gate and up: their weights are concatenated once,
   and the modules' own weights become views into the concatenation (no second copy; transformers'
@@ -53,9 +53,6 @@ def unsupported(lm) -> str | None:
         if not all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) or \
                 not all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj")):
             return f"{type(layer).__name__} has other projections"
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            if not hasattr(norm, "variance_epsilon"):
-                return f"{type(norm).__name__} is not an RMSNorm"
     return None
 
 
@@ -84,16 +81,6 @@ def _projection(mods: tuple[nn.Module, ...]) -> Callable[[torch.Tensor], tuple[t
         sizes = [m.out_features for m in mods]
         return lambda h: F.linear(h, weight, bias).split(sizes, dim=-1)
     return lambda h: tuple(m(h) for m in mods)
-
-
-def _rms(norm: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """transformers' RMSNorm: in fp32, then the weight times the result cast back."""
-    w, eps = norm.weight, norm.variance_epsilon
-
-    def f(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return f
 
 
 @dataclass
@@ -128,10 +115,10 @@ class FastDecoder:
             a, m = layer.self_attn, layer.mlp
             head_dim = a.head_dim
             self.layers.append(_Layer(
-                i, _rms(layer.input_layernorm), _projection((a.q_proj, a.k_proj, a.v_proj)), a.o_proj,
-                _rms(layer.post_attention_layernorm), _projection((m.gate_proj, m.up_proj)), m.down_proj,
+                i, layer.input_layernorm, _projection((a.q_proj, a.k_proj, a.v_proj)), a.o_proj,
+                layer.post_attention_layernorm, _projection((m.gate_proj, m.up_proj)), m.down_proj,
                 cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, a.scaling))
-        self.norm = _rms(lm.norm)
+        self.norm = lm.norm
         self.head = head
         if head is not None and _plain(head) and head.out_features > self.HEAD_SLICE:
             weights = head.weight.detach().split(self.HEAD_SLICE)  # views: no copy
