@@ -36,12 +36,16 @@ class RecFMTrainer(Trainer):
         run_dir = self.args.output_dir
         name = f"checkpoint-{self.state.global_step}"
         staging = os.path.join(run_dir, ".staging")
-        shutil.rmtree(staging, ignore_errors=True)
+        main = self.args.should_save  # under DDP every rank gets here; only the writer may clear and rename
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
         self.args.output_dir = staging
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = run_dir
+        if not main:
+            return
         final = os.path.join(run_dir, name)
         if os.path.exists(final):
             shutil.rmtree(final)
