@@ -27,6 +27,7 @@ from common import write as write_result  # noqa: E402
 VARIANTS = {  # name -> training config overrides
     "early-atomic": dict(fusion="early", item_mode="atomic"),
     "early-atomic-idfirst": dict(fusion="early", item_mode="atomic", item_layout="id_first"),
+    "early-atomic-noidseq": dict(fusion="early", item_mode="atomic", id_sequence=0),
     "cross-atomic": dict(fusion="cross_attention", item_mode="atomic"),
     "early-semantic": dict(fusion="early", item_mode="semantic"),
     "early-content": dict(fusion="early", item_mode="content"),
@@ -55,7 +56,7 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
     for k in ("vision", "fusion", "item_mode", "item_layout"):  # the model's own, from the pretrained run
         common.pop(k, None)
     run = train(TrainConfig(stage="tune", init_from=str(pre), output=str(final),
-                            max_steps=args.tune_steps, lr=1e-3, tasks={"next_item": 2.0, "pick_candidate": 1.0},
+                            max_steps=args.tune_steps, lr=1e-3, tasks={"next_item": 2.0, "pick_candidate": 1.0, "id_sequence": 1.0},
                             **common), progress=False)
     train_s = time.perf_counter() - t0
     report = evaluate(run, domain_dir, tasks=["next_item"], seed=seed, progress=False, split=args.split)
@@ -73,6 +74,7 @@ def result(report: dict, train_s: float) -> dict:
     pop_rank = {r["user_id"]: r["rank"] for r in report["per_example"]["popularity"]}
     pop = ndcg_per_user([pop_rank[u] for u in users])
     return {"seen": report["tasks"]["next_item"]["seen"], "held_out": report["tasks"]["next_item"]["held_out"],
+            "id_sequence": report["tasks"]["next_item"].get("id_sequence"),
             "train_s": train_s, "baselines": report["baselines"], "per_user_ndcg": per_user,
             "vs_popularity": paired_test([per_user[u] for u in users], pop), "users": report["users"]}
 
@@ -119,6 +121,8 @@ def main():
             raw[f"recfm/{variant}/seed{seed}"] = r
             rows.append((f"recfm {variant} (seen template)", seed, r["seen"], r["train_s"]))
             rows.append((f"recfm {variant} (held-out template)", seed, r["held_out"], r["train_s"]))
+            if r["id_sequence"]:
+                rows.append((f"recfm {variant} (identifier-sequence view)", seed, r["id_sequence"], r["train_s"]))
         if not args.no_sasrec and args.split == "leave_one_out":
             from sasrec_recbole import run_sasrec
 

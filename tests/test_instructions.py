@@ -6,7 +6,7 @@ import pytest
 
 from recfm.data import ItemIndex, leave_one_out
 from recfm.instructions import (TASKS, Item, PromptTooLong, RenderContext, build_eval_examples,
-                                build_training_examples, load_templates, render)
+                                build_pretraining_examples, build_training_examples, load_templates, render)
 from recfm.instructions.chat import IGNORE
 from recfm.tokenizers.items import build_item_tokenizer
 from recfm.tokenizers.text import IMAGE, ITEM, train_text_tokenizer
@@ -61,6 +61,32 @@ def test_training_examples_are_deterministic(world):
     a = build_training_examples(domain, split, per_user=2, seed=5)
     b = build_training_examples(domain, split, per_user=2, seed=5)
     assert a["messages"] == b["messages"]
+
+
+def test_id_sequence_view_covers_each_training_sequence_from_its_newest_end(world):
+    domain, split, tok, items, ctx = world
+    plain = build_pretraining_examples(split, max_history=5)
+    both = build_pretraining_examples(split, max_history=5, id_sequence=4)
+    assert set(plain["template_id"]) == {"history"}
+    assert both.filter(lambda r: r["template_id"] == "history")["messages"] == plain["messages"]
+    ids = both.filter(lambda r: r["template_id"] == "id_sequence")
+    by_user: dict[str, list[list[str]]] = {}
+    for row in ids:
+        content = json.loads(row["messages"])[0]["content"]
+        assert {p["view"] for p in content} == {"id"} and 2 <= len(content) <= 4
+        by_user.setdefault(row["user_id"], []).append([p["item_id"] for p in content])
+    for seq in split.train:
+        chunks = by_user.get(seq["user_id"], [])
+        order = list(seq["item_ids"])
+        # chunks of 4 cut from the newest end, a lone oldest item left out
+        assert [i for c in reversed(chunks) for i in c] == (order if len(order) % 4 != 1 else order[1:])
+        if chunks:
+            assert chunks[0][-1] == order[-1]
+    enc = render(json.loads(ids[0]["messages"]), ctx)  # identifiers only: the context loss's targets
+    n = len(json.loads(ids[0]["messages"])[0]["content"])
+    item_vocab = set(items.vocab_ids.ravel().tolist())
+    assert [t for t in enc.input_ids if t in item_vocab] == [items.encode(p['item_id'])[0] for p in json.loads(ids[0]['messages'])[0]['content']]
+    assert len(enc.input_ids) == n + 3  # <s> <|user|> ids <|end|>
 
 
 def test_eval_examples_cover_seen_and_held_out_templates(world):

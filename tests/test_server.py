@@ -287,6 +287,14 @@ def test_recommendations_rank_the_catalogue(client, server, items):
     allowed = client.post("/v1/recommendations", json={"history": items[:4], "k": 3, "allowed_items": items[3:6],
                                                        "exclude_seen": False}).json()["data"]
     assert {d["item_id"] for d in allowed} == set(items[3:6])
+    # the identifier-only view: the prompt is the history's identifiers, scored after the last one
+    from recfm.instructions.chat import id_sequence_prompt
+
+    seq = client.post("/v1/recommendations", json={"history": items[:4], "k": 5, "template": "id_sequence"}).json()["data"]
+    enc = id_sequence_prompt(items[:4], svc.ctx)
+    s = ref_model.score_items(torch.tensor([enc.input_ids]))[0]
+    s[[svc.tok.items.index(i) for i in items[:4]]] = float("-inf")
+    assert [d["item_id"] for d in seq] == [svc.tok.items.item_id(int(i)) for i in torch.topk(s, 5).indices]
 
 
 def test_image_generation_returns_pngs(client, server, items):

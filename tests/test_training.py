@@ -24,9 +24,9 @@ def tok_dir(tiny_tokenizers):
 def tuned_run(small_default, tok_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     pre = train(TrainConfig(stage="pretrain", domain=str(small_default.path), tokenizers=str(tok_dir),
-                            output=str(root / "pre"), max_steps=6, **TINY), progress=False)
+                            output=str(root / "pre"), max_steps=6, id_sequence=4, **TINY), progress=False)
     run = train(TrainConfig(stage="tune", domain=str(small_default.path), init_from=str(pre), output=str(root / "tune"),
-                            max_steps=12, **TINY), progress=False)
+                            max_steps=12, id_sequence=4, **TINY), progress=False)
     return run
 
 
@@ -157,7 +157,7 @@ def test_eval_reports_every_task_with_baselines(tuned_run, small_default, tmp_pa
     assert set(report["tasks"]) == {"next_item", "pick_candidate", "explanation", "yes_no", "which_image", "rating",
                                     "review", "image_generation"}
     for task, by in report["tasks"].items():
-        assert set(by) == {"seen", "held_out"}, task
+        assert set(by) == ({"seen", "held_out", "id_sequence"} if task == "next_item" else {"seen", "held_out"}), task
     nxt = report["tasks"]["next_item"]["seen"]
     assert 0.0 <= nxt["hr@5"] <= nxt["hr@10"] <= nxt["hr@20"] <= 1.0
     ranks = [e["rank"] for e in report["per_example"]["next_item"] if not e["held_out"]]
@@ -166,6 +166,38 @@ def test_eval_reports_every_task_with_baselines(tuned_run, small_default, tmp_pa
     assert b["oracle"]["ndcg@10"] >= b["text_only_oracle"]["ndcg@10"] - 0.05
     out = save_report(report, tmp_path / "ev")
     assert (out / "eval.png").stat().st_size > 1000 and json.loads((out / "eval.json").read_text())["users"] == 12
+
+
+def test_tuning_replays_the_identifier_sequences_with_the_context_loss(tuned_run, small_default):
+    from recfm.data import leave_one_out
+    from recfm.training.trainer import _examples
+
+    cfg = TrainConfig(stage="tune", domain=str(small_default.path), init_from=str(tuned_run), output="unused",
+                      id_sequence=4, tasks={"next_item": 1.0, "id_sequence": 1.0}, **TINY)
+    ex = _examples(cfg, small_default, leave_one_out(small_default))
+    seqs = ex.filter(lambda r: r["task"] == "id_sequence")
+    assert 0 < len(seqs) < len(ex) and set(seqs["template_id"]) == {"id_sequence"}
+    off = _examples(TrainConfig(**{**cfg.__dict__, "id_sequence": 0}), small_default, leave_one_out(small_default))
+    assert "id_sequence" not in set(off["task"])
+    assert json.loads((tuned_run / "config.json").read_text())["context_loss_weight"] == 1.0
+
+
+def test_ranking_masks_the_whole_history_in_both_views(tuned_run, small_default):
+    """Every item of the user's history is masked, not only those the prompt shows: masking all but the
+    target leaves it first, in the templated prompt and in the identifier-sequence view."""
+    from recfm.data import leave_one_out
+    from recfm.eval.runner import LoadedRun, eval_ranking
+    from recfm.instructions import build_eval_examples
+
+    split = leave_one_out(small_default)
+    rows = list(build_eval_examples(small_default, split, tasks=["next_item"], max_users=6, max_history=2))
+    run = LoadedRun(tuned_run, small_default)
+    everything_else = {r["user_id"]: [i for i in small_default.item_ids if i != r["target"]] for r in rows}
+    for view in (0, 4):
+        assert eval_ranking(run, rows, everything_else, progress=False, id_sequence=view) == [0] * len(rows)
+    history = {e["user_id"]: list(e["history"]) for e in split.test}
+    ranks = eval_ranking(run, rows, history, progress=False)
+    assert all(k < len(small_default.item_ids) - len(set(history[r["user_id"]])) for r, k in zip(rows, ranks))
 
 
 def test_cold_item_split_trains_without_the_cold_items_and_ranks_them(small_default, tok_dir, tmp_path):

@@ -8,7 +8,8 @@ RANK_COLS = ("hr@5", "hr@10", "hr@20", "ndcg@10", "mrr")
 
 
 def ranking_rows(report: dict) -> list[tuple[str, dict]]:
-    rows = [(f"recfm ({k.replace('_', '-')} templates)", v) for k, v in report["tasks"].get("next_item", {}).items()]
+    rows = [("recfm (identifier-sequence view)" if k == "id_sequence" else f"recfm ({k.replace('_', '-')} templates)", v)
+            for k, v in report["tasks"].get("next_item", {}).items()]
     rows += [(k.replace("_", " "), v) for k, v in report["baselines"].items() if isinstance(v, dict) and "hr@10" in v]
     return rows
 

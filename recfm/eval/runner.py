@@ -75,19 +75,28 @@ def _batches(rows, size):
         yield rows[i : i + size]
 
 
-def eval_ranking(run: LoadedRun, rows: list[dict], batch_size: int = 16, progress: bool = True) -> list[int]:
-    """0-based rank of each row's target in the full catalogue ranking, history masked."""
+def eval_ranking(run: LoadedRun, rows: list[dict], masked: dict[str, list[str]], batch_size: int = 16,
+                 progress: bool = True, id_sequence: int = 0) -> list[int]:
+    """0-based rank of each row's target in the full catalogue ranking, with every item of the user's
+    history (`masked[user_id]`, not only the items the prompt shows) masked. With `id_sequence` > 0,
+    each row is asked in the identifier-only view instead: the newest `id_sequence` history items."""
+    from ..instructions.chat import id_sequence_prompt
+
     items = run.tok.items
     ranks = []
     for chunk in tqdm(list(_batches(rows, batch_size)), desc="next item", disable=not progress):
-        enc = [run.prompt(r["messages"]) for r in chunk]
-        histories = [[p["item_id"] for p in json.loads(r["messages"])[0]["content"] if p.get("history")] for r in chunk]
+        if id_sequence:
+            enc = [id_sequence_prompt(masked[r["user_id"]][-id_sequence:], run.ctx) for r in chunk]
+        else:
+            enc = [run.prompt(r["messages"]) for r in chunk]
+        histories = [masked[r["user_id"]] for r in chunk]
         if run.model.config.item_mode == "semantic":
             from ..foundation.generation import beam_items
 
             b = run.batch(enc, left=True)
             end = run.tok.text.convert_tokens_to_ids("<|end|>")
-            lists = beam_items(run.model, items, b["input_ids"], k=RANK_K + max(len(h) for h in histories),
+            shown = max(len(e.item_spans) for e in enc)  # items of the prompt: the likeliest to come back
+            lists = beam_items(run.model, items, b["input_ids"], k=RANK_K + shown,
                                attention_mask=b["attention_mask"], pixel_values=b.get("pixel_values"), end_token_id=end)
             for r, h, found in zip(chunk, histories, lists):
                 found = [i for i in found if i not in set(h)]
@@ -219,6 +228,23 @@ def _by_template(rows, values, fn) -> dict:
     return out
 
 
+def _id_sequence_length(run_dir: Path) -> int:
+    """The id_sequence chunk length the run (or the run it was tuned from) trained with; 0 if none."""
+    import yaml
+
+    for _ in range(4):
+        cfg_file = run_dir / "train_config.yaml"
+        if not cfg_file.is_file():
+            return 0
+        cfg = yaml.safe_load(cfg_file.read_text()) or {}
+        if cfg.get("id_sequence"):
+            return int(cfg["id_sequence"])
+        if not cfg.get("init_from"):
+            return 0
+        run_dir = Path(cfg["init_from"])
+    return 0
+
+
 def _cold_settings(run_dir: Path) -> dict:
     """The cold draw a run was trained without, from its run.json; an error if it trained on them."""
     info = run_dir / "run.json"
@@ -274,10 +300,18 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
     T = report["tasks"]
     if "next_item" in by_task:
         rs = by_task["next_item"]
-        ranks = eval_ranking(run, rs, batch_size, progress)
+        masked = {e["user_id"]: list(e["history"]) for e in examples}
+        ranks = eval_ranking(run, rs, masked, batch_size, progress)
         T["next_item"] = _by_template(rs, ranks, M.ranking_metrics)
         report["per_example"]["next_item"] = [{"user_id": r["user_id"], "held_out": r["held_out"], "rank": k}
                                               for r, k in zip(rs, ranks)]
+        length = _id_sequence_length(Path(run_dir))
+        if length and run.model.config.item_mode != "semantic":  # the view pretraining taught, one row per user
+            first = [r for r in rs if r["template_id"] == rs[0]["template_id"]]
+            seq_ranks = eval_ranking(run, first, masked, batch_size, progress, id_sequence=length)
+            T["next_item"]["id_sequence"] = M.ranking_metrics(seq_ranks)
+            report["per_example"]["next_item_id_sequence"] = [{"user_id": r["user_id"], "rank": k}
+                                                              for r, k in zip(first, seq_ranks)]
         pop = popularity_ranks(split, list(examples), domain.item_ids)
         report["baselines"]["popularity"] = M.ranking_metrics(pop)
         report["per_example"]["popularity"] = [{"user_id": e["user_id"], "rank": k} for e, k in zip(examples, pop)]

@@ -199,3 +199,15 @@ def render(messages: Sequence[Mapping], ctx: RenderContext, add_generation_promp
         if "item" in c:
             enc.item_spans.append((start, start + len(toks), c["item"]))
     return enc
+
+
+def id_sequence_prompt(item_ids: Sequence[str], ctx: RenderContext) -> Encoded:
+    """A history in the identifier-only view of pretraining's `id_sequence` rows, left open after its
+    last identifier: the model's next-token distribution there is its prediction of the next item
+    (rank it with `score_items`). Over the token budget, the oldest items are dropped."""
+    from .templates import item_part
+
+    enc = render([{"role": "user", "content": [item_part(i, "id", history=True) for i in item_ids]}], ctx)
+    enc.input_ids, enc.labels = enc.input_ids[:-1], enc.labels[:-1]  # no <|end|>: the sequence goes on
+    return enc
+

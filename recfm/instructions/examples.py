@@ -176,20 +176,31 @@ def build_eval_examples(domain: Domain, split: Split, stage: str = "test", tasks
     return Dataset.from_list(rows, features=EXAMPLE_FEATURES)
 
 
-def build_pretraining_examples(split: Split, max_history: int = 20, seed: int = 0) -> Dataset:
+def build_pretraining_examples(split: Split, max_history: int = 20, seed: int = 0, id_sequence: int = 0) -> Dataset:
     """Serialized training histories, one user turn each (chunks of at most `max_history` items):
-    the model learns them by next-item prediction over the item spans (the context loss)."""
+    the model learns them by next-item prediction over the item spans (the context loss).
+
+    With `id_sequence` > 0, each training sequence is also given as identifiers only (`id` view, one
+    to a few tokens an item), in chunks of up to `id_sequence` items cut from the newest end: the
+    cheap view in which the context loss is next-item prediction at every position over long
+    histories, as in SASRec, at a fraction of the multimodal view's tokens per item."""
     from .templates import item_part
 
     rows = []
+
+    def row(user: str, content: list[dict], target: str, view: str) -> dict:
+        return {"task": "pretrain", "family": "pretrain", "template_id": view, "held_out": False, "user_id": user,
+                "target": target, "answer": "", "messages": json.dumps([{"role": "user", "content": content}])}
+
     for seq in split.train:
         items = list(zip(seq["item_ids"], seq["ratings"]))
         for start in range(0, len(items), max_history):
             chunk = items[start : start + max_history]
-            if len(chunk) < 2:
-                continue
-            content = [item_part(i, "history", r) for i, r in chunk]
-            rows.append({"task": "pretrain", "family": "pretrain", "template_id": "history", "held_out": False,
-                         "user_id": seq["user_id"], "target": chunk[-1][0], "answer": "",
-                         "messages": json.dumps([{"role": "user", "content": content}])})
+            if len(chunk) >= 2:
+                rows.append(row(seq["user_id"], [item_part(i, "history", r) for i, r in chunk], chunk[-1][0], "history"))
+        if id_sequence > 0:
+            for end in range(len(items), 1, -id_sequence):
+                chunk = items[max(0, end - id_sequence) : end]
+                if len(chunk) >= 2:
+                    rows.append(row(seq["user_id"], [item_part(i, "id") for i, _ in chunk], chunk[-1][0], "id_sequence"))
     return Dataset.from_list(rows, features=EXAMPLE_FEATURES)

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 
-from ..instructions.chat import Item, PromptTooLong, render
+from ..instructions.chat import Item, PromptTooLong, id_sequence_prompt, render
 from ..instructions.templates import fill, load_templates
 from ..tokenizers.images import DEFAULT_MAX_PIXELS, ImageError, to_pixels
 from .constraints import ImageGridConstraint, ItemConstraint
 from .engine import Engine, EngineConfig
 from .sequence import Prompt, SamplingParams
+
+ID_SEQUENCE = "id_sequence"  # the `template` of /v1/recommendations that asks in the identifier-only view
 
 
 class BadInput(ValueError):
@@ -107,6 +109,11 @@ class Service:
             raise BadInput(str(e), "messages") from None
         if enc.image_refs and not self.image_size:
             raise BadInput("this model has no vision tower: send no images", "messages")
+        return self.encoded_prompt(enc, images), enc
+
+    def encoded_prompt(self, enc, images: dict[str, torch.Tensor] | None = None) -> Prompt:
+        """Engine input from a rendered prompt; item images come from the catalogue (or the cache)."""
+        images = images or {}
         prompt_images = []
         for pos, ref in zip(enc.image_positions, enc.image_refs):
             cached = ref in self.engine.runner.image_cache
@@ -116,7 +123,7 @@ class Service:
                 px = images[ref]
             prompt_images.append((pos, ref, px))
         content = sorted(enc.content_positions)
-        return Prompt(enc.input_ids, prompt_images, content), enc
+        return Prompt(enc.input_ids, prompt_images, content)
 
     def item_params(self, params: SamplingParams, allowed: list[str] | None, exclude: list[str]) -> SamplingParams:
         """Constrain an answer to one item identifier (of `allowed`, minus `exclude`)."""
@@ -185,7 +192,13 @@ class Service:
         cfg, items = self.model.config, self.tok.items
         if cfg.item_mode == "semantic":
             raise ValueError("semantic ids are ranked by a beam over the trie: use recommend()")
-        prompt, _ = self.prompt(self.history_messages(history, template))
+        if template == ID_SEQUENCE:  # identifiers only, as pretraining's id_sequence rows: no template text
+            ids = [str(h if isinstance(h, str) else h.get("item_id")) for h in history]
+            for n, i in enumerate(ids):
+                self.check_item(i, f"history[{n}]")
+            prompt = self.encoded_prompt(id_sequence_prompt(ids, self.ctx))
+        else:
+            prompt, _ = self.prompt(self.history_messages(history, template))
         excluded = [items.index(h if isinstance(h, str) else h["item_id"]) for h in history] if exclude_seen else []
         allowed = None
         if allowed_items is not None:
@@ -232,6 +245,9 @@ class Service:
                 for out in self.engine.step():
                     if out.request_id == rid and out.finished:
                         return out.result
+        if template == ID_SEQUENCE:
+            raise BadInput("the identifier-sequence view ranks atomic and content ids; this model has semantic ids",
+                           "template")
         messages = self.history_messages(history, template)
         prompt, _ = self.prompt(messages)
         seen = {h if isinstance(h, str) else h["item_id"] for h in history} if exclude_seen else set()

@@ -11,6 +11,7 @@ import yaml
 DEFAULT_TASK_WEIGHTS = {
     "next_item": 2.0, "pick_candidate": 1.0, "explanation": 1.0, "yes_no": 1.0, "which_image": 1.0,
     "rating": 1.0, "review": 1.0, "image_generation": 1.0,
+    "id_sequence": 1.0,  # replay of pretraining's identifier-only view (only with id_sequence > 0)
 }
 
 
@@ -39,6 +40,8 @@ class TrainConfig:
     per_user: int = 3  # (history -> next item) points drawn per user's training sequence
     max_history: int = 20  # history items per prompt (oldest dropped first)
     max_tokens: int = 1024  # prompt budget in tokens
+    id_sequence: int = 50  # also read each training sequence as identifiers only, in chunks of this many items (0 = off;
+    # pretraining adds these rows, tuning replays them at the mixture's id_sequence weight, with the context loss on)
     n_candidates: int = 10  # candidates in pick-from-candidates prompts
     # --- optimisation ---
     epochs: float = 1.0

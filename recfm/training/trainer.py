@@ -69,10 +69,15 @@ def _examples(cfg: TrainConfig, domain, split):
     from ..instructions.examples import build_pretraining_examples, build_training_examples
 
     if cfg.stage == "pretrain":
-        return build_pretraining_examples(split, max_history=cfg.max_history, seed=cfg.seed)
-    tasks = [t for t, w in cfg.tasks.items() if w > 0]
+        return build_pretraining_examples(split, max_history=cfg.max_history, seed=cfg.seed, id_sequence=cfg.id_sequence)
+    tasks = [t for t, w in cfg.tasks.items() if w > 0 and t != "id_sequence"]
     ds = build_training_examples(domain, split, tasks=tasks, per_user=cfg.per_user, max_history=cfg.max_history,
                                  n_candidates=cfg.n_candidates, seed=cfg.seed)
+    if _replays_id_sequence(cfg):  # pretraining's identifier-only view, so tuning keeps what it taught
+        seqs = build_pretraining_examples(split, max_history=cfg.max_history, seed=cfg.seed, id_sequence=cfg.id_sequence)
+        seqs = seqs.filter(lambda r: r["template_id"] == "id_sequence").map(lambda r: {"task": "id_sequence"})
+        ds = concatenate_datasets([ds, seqs.cast(ds.features)])
+        tasks.append("id_sequence")
     # the mixture: each task's examples resampled to its weight relative to the mean weight
     rng = np.random.default_rng(cfg.seed)
     mean_w = float(np.mean([cfg.tasks[t] for t in tasks]))
@@ -85,6 +90,10 @@ def _examples(cfg: TrainConfig, domain, split):
         n = max(1, int(round(len(idx) * cfg.tasks[t] / mean_w)))
         parts.append(ds.select(rng.choice(idx, size=n, replace=n > len(idx)).tolist()))
     return concatenate_datasets(parts).shuffle(seed=cfg.seed)
+
+
+def _replays_id_sequence(cfg: TrainConfig) -> bool:
+    return cfg.stage != "pretrain" and cfg.id_sequence > 0 and cfg.tasks.get("id_sequence", 0) > 0
 
 
 def _drop_too_long(examples, collator):
@@ -154,7 +163,8 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     domain = load_domain(cfg.domain)
     split = make_split(domain, cfg.split, cfg.cold_fraction, cfg.cold_seed)
     losses = dict(focal_gamma=cfg.focal_gamma,
-                  context_loss_weight=cfg.context_loss_weight or (1.0 if cfg.stage == "pretrain" else 0.0),
+                  context_loss_weight=cfg.context_loss_weight or (1.0 if cfg.stage == "pretrain" or _replays_id_sequence(cfg)
+                                                                  else 0.0),
                   contrastive_loss_weight=cfg.contrastive_loss_weight or (0.1 if cfg.stage == "pretrain" else 0.0))
     if cfg.init_from:
         _check_same_cold_items(cfg, Path(cfg.init_from))
