@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from recfm.training import TrainConfig, train
 
@@ -215,6 +216,19 @@ def test_cold_item_split_trains_without_the_cold_items_and_ranks_them(small_defa
     assert info["name"] == "cold_items" and info["cold_items"] == list(split.cold_items)
     index = Tokenizers(pre).index
     assert set(index.item_ids[index.n_train_items:]) >= set(split.cold_items)  # never-seen items come last
+    # no loss ever reached a cold item's residual (not even as a negative), so it scores as an average item
+    from recfm.foundation import RecFMForCausalLM
+
+    model = RecFMForCausalLM.from_pretrained(pre).eval()
+    enc = model.model.item_encoder
+    cold_rows = torch.tensor([index.item_ids.index(i) for i in split.cold_items])
+    assert bool((enc.id_residual.weight[cold_rows] == 0).all()) and bool(enc.id_residual.weight[:index.n_train_items].any())
+    with torch.no_grad():
+        r = enc(torch.zeros(1, enc.text.in_features), torch.zeros(1, enc.text.in_features), torch.tensor([True]),
+                cold_rows[:1]) - enc(torch.zeros(1, enc.text.in_features), torch.zeros(1, enc.text.in_features),
+                                     torch.tensor([True]), torch.tensor([0]))
+    warm = enc.id_residual.weight[: index.n_train_items]
+    assert torch.allclose(r[0], warm.mean(0) - warm[0], atol=1e-5)
     with pytest.raises(ValueError, match="other cold items"):
         train(TrainConfig(stage="tune", domain=str(small_default.path), init_from=str(pre), output=str(tmp_path / "x"),
                           max_steps=1, split="cold_items", cold_fraction=0.2, cold_seed=3, **TINY), progress=False)

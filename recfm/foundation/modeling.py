@@ -68,7 +68,12 @@ def token_image_index(input_ids: torch.Tensor, cfg: RecFMConfig) -> torch.Tensor
 
 class ItemEncoder(nn.Module):
     """Content mode: an item's vector from its text (mean token embedding) and image (mean projected
-    image vector), plus an optional learned per-item residual (zero at initialisation)."""
+    image vector), plus an optional learned per-item residual (zero at initialisation).
+
+    A residual row that training never reached is still exactly zero (no gradient, and AdamW's decay
+    of zero is zero): an item new to the model. Outside training such an item gets the mean of the
+    trained rows instead, so it is scored from its content plus an average item's residual, not
+    below every trained item by however much the residuals grew."""
 
     def __init__(self, d: int, n_items: int, id_residual: bool):
         super().__init__()
@@ -83,7 +88,13 @@ class ItemEncoder(nn.Module):
         x = self.text(text_vec) + img
         x = x + self.mlp(x)
         if self.id_residual is not None:
-            x = x + self.id_residual(item_idx)
+            r = self.id_residual(item_idx)
+            if not self.training:
+                w = self.id_residual.weight
+                untrained = (w == 0).all(1)
+                if bool(untrained.any()) and not bool(untrained.all()):
+                    r = torch.where(untrained[item_idx, None], w[~untrained].mean(0).to(r.dtype), r)
+            x = x + r
         return x
 
 
@@ -410,6 +421,9 @@ class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
                 answer = is_item & (shift_labels == cfg.item_token_id)
                 context = is_item & (shift_labels == IGNORE)
                 catalogue = self.model.item_embeddings()
+                trained = getattr(self.model, "n_trained_items", None)
+                if trained:  # items with no training interaction are no one's negative either (cold items
+                    catalogue = catalogue[:trained]  # would otherwise only ever be pushed down); they come last
                 scores_all = self.item_head(hidden[:, :-1]).float()
                 for sel, weight in ((answer, 1.0), (context, cfg.context_loss_weight)):
                     if weight > 0 and bool(sel.any()):

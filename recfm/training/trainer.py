@@ -187,6 +187,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     images = ItemImages(domain, mc.vision_config.image_size) if mc.vision_config is not None else None
     if mc.item_mode == "content":
         content_catalogue(model, tokenizers, domain, images)
+        model.model.n_trained_items = tokenizers.index.n_train_items  # the training loss's catalogue (seen items first)
     examples = _examples(cfg, domain, split)
     collator = Collator(render_context(tokenizers, domain, mc, cfg.max_tokens), images, mc)
     examples, too_long = _drop_too_long(examples, collator)
