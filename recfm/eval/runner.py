@@ -99,7 +99,8 @@ def eval_ranking(run: LoadedRun, rows: list[dict], masked: dict[str, list[str]],
             lists = beam_items(run.model, items, b["input_ids"], k=RANK_K + shown,
                                attention_mask=b["attention_mask"], pixel_values=b.get("pixel_values"), end_token_id=end)
             for r, h, found in zip(chunk, histories, lists):
-                found = [i for i in found if i not in set(h)]
+                seen = set(h)
+                found = [i for i in found if i not in seen]
                 ranks.append(found.index(r["target"]) if r["target"] in found else len(items))
             continue
         b = run.batch(enc)

@@ -90,12 +90,22 @@ class ItemEncoder(nn.Module):
         if self.id_residual is not None:
             r = self.id_residual(item_idx)
             if not self.training:
-                w = self.id_residual.weight
-                untrained = (w == 0).all(1)
-                if bool(untrained.any()) and not bool(untrained.all()):
-                    r = torch.where(untrained[item_idx, None], w[~untrained].mean(0).to(r.dtype), r)
+                untrained, fill = self._untrained()
+                if fill is not None:
+                    r = torch.where(untrained[item_idx, None], fill.to(r.dtype), r)
             x = x + r
         return x
+
+    def _untrained(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows never trained, the trained rows' mean or None), recomputed only when the weight changed:
+        a scan of the whole table per call would cost O(catalogue) on every request that shows an item."""
+        w = self.id_residual.weight
+        key = (w.data_ptr(), w._version)
+        if getattr(self, "_untrained_key", None) != key:
+            untrained = (w == 0).all(1)
+            fill = w[~untrained].mean(0).detach() if bool(untrained.any()) and not bool(untrained.all()) else None
+            self._untrained_cache, self._untrained_key = (untrained, fill), key
+        return self._untrained_cache
 
 
 class RecFMPreTrainedModel(PreTrainedModel):

@@ -176,31 +176,47 @@ def build_eval_examples(domain: Domain, split: Split, stage: str = "test", tasks
     return Dataset.from_list(rows, features=EXAMPLE_FEATURES)
 
 
+def _row(task: str, user: str, content: list[dict], target: str, view: str) -> dict:
+    return {"task": task, "family": "pretrain", "template_id": view, "held_out": False, "user_id": user,
+            "target": target, "answer": "", "messages": json.dumps([{"role": "user", "content": content}])}
+
+
+def _id_sequence_rows(seq: dict, length: int, task: str) -> list[dict]:
+    """One training sequence's identifier-only rows: chunks of up to `length` items from the newest end."""
+    from .templates import item_part
+
+    items = seq["item_ids"]
+    rows = []
+    for end in range(len(items), 1, -length):
+        chunk = items[max(0, end - length) : end]
+        if len(chunk) >= 2:
+            rows.append(_row(task, seq["user_id"], [item_part(i, "id") for i in chunk], chunk[-1], "id_sequence"))
+    return rows
+
+
+def build_id_sequence_examples(split: Split, length: int = 50, task: str = "id_sequence") -> Dataset:
+    """Each training sequence as identifiers only (`id` view, one to a few tokens an item), in chunks
+    of up to `length` items cut from the newest end: the cheap view in which the context loss is
+    next-item prediction at every position over long histories, as in SASRec, at a fraction of the
+    multimodal view's tokens per item. Tuning replays these rows (task "id_sequence")."""
+    rows = [r for seq in split.train for r in _id_sequence_rows(seq, length, task)]
+    return Dataset.from_list(rows, features=EXAMPLE_FEATURES)
+
+
 def build_pretraining_examples(split: Split, max_history: int = 20, seed: int = 0, id_sequence: int = 0) -> Dataset:
     """Serialized training histories, one user turn each (chunks of at most `max_history` items):
-    the model learns them by next-item prediction over the item spans (the context loss).
-
-    With `id_sequence` > 0, each training sequence is also given as identifiers only (`id` view, one
-    to a few tokens an item), in chunks of up to `id_sequence` items cut from the newest end: the
-    cheap view in which the context loss is next-item prediction at every position over long
-    histories, as in SASRec, at a fraction of the multimodal view's tokens per item."""
+    the model learns them by next-item prediction over the item spans (the context loss). With
+    `id_sequence` > 0, the identifier-only rows of `build_id_sequence_examples` come too."""
     from .templates import item_part
 
     rows = []
-
-    def row(user: str, content: list[dict], target: str, view: str) -> dict:
-        return {"task": "pretrain", "family": "pretrain", "template_id": view, "held_out": False, "user_id": user,
-                "target": target, "answer": "", "messages": json.dumps([{"role": "user", "content": content}])}
-
     for seq in split.train:
         items = list(zip(seq["item_ids"], seq["ratings"]))
         for start in range(0, len(items), max_history):
             chunk = items[start : start + max_history]
             if len(chunk) >= 2:
-                rows.append(row(seq["user_id"], [item_part(i, "history", r) for i, r in chunk], chunk[-1][0], "history"))
+                rows.append(_row("pretrain", seq["user_id"], [item_part(i, "history", r) for i, r in chunk],
+                                 chunk[-1][0], "history"))
         if id_sequence > 0:
-            for end in range(len(items), 1, -id_sequence):
-                chunk = items[max(0, end - id_sequence) : end]
-                if len(chunk) >= 2:
-                    rows.append(row(seq["user_id"], [item_part(i, "id") for i, _ in chunk], chunk[-1][0], "id_sequence"))
+            rows += _id_sequence_rows(seq, id_sequence, "pretrain")
     return Dataset.from_list(rows, features=EXAMPLE_FEATURES)

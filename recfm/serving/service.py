@@ -172,6 +172,11 @@ class Service:
         tpl = self.templates.get(template_id)
         if tpl is None:
             raise BadInput(f"unknown template {template_id!r}", "template")
+        values = {"history": self.checked_history(history), "query": query or "item"}
+        return fill(tpl, values, answer=False)
+
+    def checked_history(self, history: list) -> list[tuple[str, float | None]]:
+        """[(item_id, rating)] of a request's history (ids or {"item_id", "rating"}), every item known."""
         hist = []
         for k, h in enumerate(history):
             item_id, rating = (h, None) if isinstance(h, str) else (h.get("item_id"), h.get("rating"))
@@ -179,8 +184,7 @@ class Service:
             hist.append((str(item_id), rating))
         if not hist:
             raise BadInput("the history is empty", "history")
-        values = {"history": hist, "query": query or "item"}
-        return fill(tpl, values, answer=False)
+        return hist
 
     def recommend_request(self, history: list, k: int = 10, exclude_seen: bool = True,
                           allowed_items: list[str] | None = None, template: str = "next-1"):
@@ -193,9 +197,7 @@ class Service:
         if cfg.item_mode == "semantic":
             raise ValueError("semantic ids are ranked by a beam over the trie: use recommend()")
         if template == ID_SEQUENCE:  # identifiers only, as pretraining's id_sequence rows: no template text
-            ids = [str(h if isinstance(h, str) else h.get("item_id")) for h in history]
-            for n, i in enumerate(ids):
-                self.check_item(i, f"history[{n}]")
+            ids = [i for i, _ in self.checked_history(history)]
             prompt = self.encoded_prompt(id_sequence_prompt(ids, self.ctx))
         else:
             prompt, _ = self.prompt(self.history_messages(history, template))

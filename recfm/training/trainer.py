@@ -66,7 +66,7 @@ class RecFMTrainer(Trainer):
 
 
 def _examples(cfg: TrainConfig, domain, split):
-    from ..instructions.examples import build_pretraining_examples, build_training_examples
+    from ..instructions.examples import build_id_sequence_examples, build_pretraining_examples, build_training_examples
 
     if cfg.stage == "pretrain":
         return build_pretraining_examples(split, max_history=cfg.max_history, seed=cfg.seed, id_sequence=cfg.id_sequence)
@@ -74,9 +74,7 @@ def _examples(cfg: TrainConfig, domain, split):
     ds = build_training_examples(domain, split, tasks=tasks, per_user=cfg.per_user, max_history=cfg.max_history,
                                  n_candidates=cfg.n_candidates, seed=cfg.seed)
     if _replays_id_sequence(cfg):  # pretraining's identifier-only view, so tuning keeps what it taught
-        seqs = build_pretraining_examples(split, max_history=cfg.max_history, seed=cfg.seed, id_sequence=cfg.id_sequence)
-        seqs = seqs.filter(lambda r: r["template_id"] == "id_sequence").map(lambda r: {"task": "id_sequence"})
-        ds = concatenate_datasets([ds, seqs.cast(ds.features)])
+        ds = concatenate_datasets([ds, build_id_sequence_examples(split, cfg.id_sequence)])
         tasks.append("id_sequence")
     # the mixture: each task's examples resampled to its weight relative to the mean weight
     rng = np.random.default_rng(cfg.seed)
