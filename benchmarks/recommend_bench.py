@@ -28,9 +28,11 @@ VARIANTS = {  # name -> training config overrides
     "early-atomic": dict(fusion="early", item_mode="atomic"),
     "early-atomic-idfirst": dict(fusion="early", item_mode="atomic", item_layout="id_first"),
     "early-atomic-noidseq": dict(fusion="early", item_mode="atomic", id_sequence=0),
+    "early-atomic-idx5": dict(fusion="early", item_mode="atomic", id_readings=5),  # 5 shifted id-view readings
     "cross-atomic": dict(fusion="cross_attention", item_mode="atomic"),
     "early-semantic": dict(fusion="early", item_mode="semantic"),
     "early-content": dict(fusion="early", item_mode="content"),
+    "early-content-dropout": dict(fusion="early", item_mode="content", item_residual_dropout=0.5),
     "no-images": dict(fusion="early", item_mode="atomic", vision=None),
 }
 METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr")

@@ -680,3 +680,26 @@ def test_trl_sft_trainer_runs_on_rendered_conversations(world, tmp_path):
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p.detach(), before[n])]
     assert any("language_model" in n for n in changed) and any("cross_attn" in n for n in changed)
     assert any("projector" in n for n in changed)  # the opened gates let images train the projector
+
+
+def test_item_residual_dropout_reads_some_items_from_content_alone_in_training_only():
+    from recfm.foundation.modeling import ItemEncoder
+
+    torch.manual_seed(0)
+    enc = ItemEncoder(8, 400, id_residual=True)
+    torch.nn.init.normal_(enc.id_residual.weight)
+    text, image, has = torch.randn(400, 8), torch.randn(400, 8), torch.ones(400, dtype=torch.bool)
+    idx = torch.arange(400)
+    enc.eval()
+    with torch.no_grad():
+        enc.id_residual.weight.zero_()
+        enc.no_image.zero_()
+        content = enc(text, image, has, idx)  # what the item's content alone gives
+        enc.id_residual.weight.normal_()
+        full = enc(text, image, has, idx, residual_dropout=0.5)  # eval: every residual in, whatever the rate
+        assert not torch.allclose(full, content)
+        enc.train()
+        dropped = enc(text, image, has, idx, residual_dropout=0.5)
+        alone = torch.isclose(dropped, content, atol=1e-6).all(1)
+        kept = torch.isclose(dropped, full, atol=1e-6).all(1)
+    assert bool((alone | kept).all()) and 140 < int(alone.sum()) < 260  # about half, each item all or nothing

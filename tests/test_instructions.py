@@ -88,6 +88,15 @@ def test_id_sequence_view_covers_each_training_sequence_from_its_newest_end(worl
     assert [t for t in enc.input_ids if t in item_vocab] == [items.encode(p['item_id'])[0] for p in json.loads(ids[0]['messages'])[0]['content']]
     assert len(enc.input_ids) == n + 3  # <s> <|user|> ids <|end|>
 
+    # a second reading puts the chunk borders two items earlier: the rows differ, the items are the same
+    two = build_pretraining_examples(split, max_history=5, id_sequence=4, id_readings=2)
+    rows = [json.loads(m)[0]["content"] for m, t in zip(two["messages"], two["template_id"]) if t == "id_sequence"]
+    firsts = {tuple(p["item_id"] for p in c) for c in rows}
+    seq = max(split.train, key=lambda s: len(s["item_ids"]))
+    order = list(seq["item_ids"])
+    assert tuple(order[-4:]) in firsts and tuple(order[-6:-2]) in firsts
+    assert len(rows) > len(ids)
+
 
 def test_eval_examples_cover_seen_and_held_out_templates(world):
     domain, split, *_ = world

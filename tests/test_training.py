@@ -216,19 +216,18 @@ def test_cold_item_split_trains_without_the_cold_items_and_ranks_them(small_defa
     assert info["name"] == "cold_items" and info["cold_items"] == list(split.cold_items)
     index = Tokenizers(pre).index
     assert set(index.item_ids[index.n_train_items:]) >= set(split.cold_items)  # never-seen items come last
-    # no loss ever reached a cold item's residual (not even as a negative), so it scores as an average item
+    # no loss ever reached a cold item's residual (not even as a negative), so it is scored from its content alone
     from recfm.foundation import RecFMForCausalLM
 
     model = RecFMForCausalLM.from_pretrained(pre).eval()
     enc = model.model.item_encoder
     cold_rows = torch.tensor([index.item_ids.index(i) for i in split.cold_items])
     assert bool((enc.id_residual.weight[cold_rows] == 0).all()) and bool(enc.id_residual.weight[:index.n_train_items].any())
+    w0 = int(enc.id_residual.weight[: index.n_train_items].any(1).nonzero()[0])  # a trained row
+    x = torch.zeros(2, enc.text.in_features)
     with torch.no_grad():
-        r = enc(torch.zeros(1, enc.text.in_features), torch.zeros(1, enc.text.in_features), torch.tensor([True]),
-                cold_rows[:1]) - enc(torch.zeros(1, enc.text.in_features), torch.zeros(1, enc.text.in_features),
-                                     torch.tensor([True]), torch.tensor([0]))
-    warm = enc.id_residual.weight[: index.n_train_items]
-    assert torch.allclose(r[0], warm.mean(0) - warm[0], atol=1e-5)
+        out = enc(x, x, torch.tensor([True, True]), torch.stack([cold_rows[0], torch.tensor(w0)]))
+    assert torch.allclose(out[1] - out[0], enc.id_residual.weight[w0], atol=1e-6)
     with pytest.raises(ValueError, match="other cold items"):
         train(TrainConfig(stage="tune", domain=str(small_default.path), init_from=str(pre), output=str(tmp_path / "x"),
                           max_steps=1, split="cold_items", cold_fraction=0.2, cold_seed=3, **TINY), progress=False)
@@ -301,3 +300,40 @@ def test_finetuning_atomic_ids_on_a_new_domain_is_a_clear_error(tuned_run, tmp_p
     with pytest.raises(ValueError, match="cannot name a new domain's items"):
         train(TrainConfig(stage="finetune", domain=str(shop.path), init_from=str(tuned_run), output=str(tmp_path / "x"),
                           max_steps=2, **TINY), progress=False)
+
+
+def test_rows_are_measured_for_batching_by_length(small_default, tok_dir):
+    """The trainer measures every row in tokens (the `length` column LengthGroupedSampler batches by),
+    leaves out and counts rows that cannot fit, and short identifier rows then share batches."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from recfm.data import make_split
+    from recfm.foundation.build import build_model
+    from recfm.instructions import build_pretraining_examples
+    from recfm.tokenizers.bundle import Tokenizers
+    from recfm.training.collate import Collator, ItemImages, render_context
+    from recfm.training.trainer import _measure
+
+    tok = Tokenizers(tok_dir)
+    model = build_model("tiny", tok)
+    split = make_split(small_default, "leave_one_out")
+    rows = build_pretraining_examples(split, max_history=6, id_sequence=4)
+    collator = Collator(render_context(tok, small_default, model.config, 256), ItemImages(small_default, 32), model.config)
+    measured, dropped = _measure(rows, collator)
+    assert dropped == 0 and len(measured) == len(rows)
+    assert measured["length"] == [len(collator.encode(m).input_ids) for m in rows["messages"]]
+    short = [t == "id_sequence" for t in measured["template_id"]]
+    assert max(x for x, s in zip(measured["length"], short) if s) < min(x for x, s in zip(measured["length"], short) if not s)
+
+    def padded(order, size=4):  # padding tokens over all batches
+        lens = [measured["length"][i] for i in order]
+        return sum(max(b) * len(b) - sum(b) for b in (lens[k:k + size] for k in range(0, len(lens), size)))
+
+    torch.manual_seed(0)
+    grouped = list(LengthGroupedSampler(4, lengths=measured["length"]))
+    assert sorted(grouped) == list(range(len(measured)))
+    assert padded(grouped) < 0.5 * padded(torch.randperm(len(measured)).tolist())
+
+    tight = Collator(render_context(tok, small_default, model.config, 12), ItemImages(small_default, 32), model.config)
+    kept, dropped = _measure(rows, tight)
+    assert dropped > 0 and len(kept) + dropped == len(rows) and max(kept["length"]) <= 12

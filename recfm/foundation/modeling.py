@@ -70,10 +70,11 @@ class ItemEncoder(nn.Module):
     """Content mode: an item's vector from its text (mean token embedding) and image (mean projected
     image vector), plus an optional learned per-item residual (zero at initialisation).
 
-    A residual row that training never reached is still exactly zero (no gradient, and AdamW's decay
-    of zero is zero): an item new to the model. Outside training such an item gets the mean of the
-    trained rows instead, so it is scored from its content plus an average item's residual, not
-    below every trained item by however much the residuals grew."""
+    A residual row that training never reached stays exactly zero (no gradient, and AdamW's decay of
+    zero is zero), so an item new to the model is scored from its content alone. That measured far
+    better than giving it the trained rows' mean residual (cold items on the default domain, seed 0:
+    HR@10 0.048 vs 0.000, random 0.020). With `residual_dropout` > 0, training reads that share of
+    the items from their content alone too (DropoutNet); it did not help there (HR@10 0.040)."""
 
     def __init__(self, d: int, n_items: int, id_residual: bool):
         super().__init__()
@@ -83,29 +84,16 @@ class ItemEncoder(nn.Module):
         self.mlp = nn.Sequential(nn.GELU(), nn.Linear(d, d))
         self.id_residual = nn.Embedding(n_items, d) if id_residual else None
 
-    def forward(self, text_vec, image_vec, has_image, item_idx):
+    def forward(self, text_vec, image_vec, has_image, item_idx, residual_dropout: float = 0.0):
         img = torch.where(has_image[:, None], self.image(image_vec), self.no_image.to(image_vec.dtype))
         x = self.text(text_vec) + img
         x = x + self.mlp(x)
         if self.id_residual is not None:
             r = self.id_residual(item_idx)
-            if not self.training:
-                untrained, fill = self._untrained()
-                if fill is not None:
-                    r = torch.where(untrained[item_idx, None], fill.to(r.dtype), r)
+            if self.training and residual_dropout > 0:  # DropoutNet: these items are read from content alone
+                r = r * (torch.rand(len(item_idx), 1, device=r.device) >= residual_dropout).to(r.dtype)
             x = x + r
         return x
-
-    def _untrained(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(rows never trained, the trained rows' mean or None), recomputed only when the weight changed:
-        a scan of the whole table per call would cost O(catalogue) on every request that shows an item."""
-        w = self.id_residual.weight
-        key = (w.data_ptr(), w._version)
-        if getattr(self, "_untrained_key", None) != key:
-            untrained = (w == 0).all(1)
-            fill = w[~untrained].mean(0).detach() if bool(untrained.any()) and not bool(untrained.all()) else None
-            self._untrained_cache, self._untrained_key = (untrained, fill), key
-        return self._untrained_cache
 
 
 class RecFMPreTrainedModel(PreTrainedModel):
@@ -260,7 +248,7 @@ class RecFMModel(RecFMPreTrainedModel):
             rows = has_image.nonzero().squeeze(1)
             feats = self.encode_images(self.normalize_pixels(self.catalogue_pixels[idx[rows]]))
             image_vec = image_vec.index_put((rows,), feats.mean(1).to(image_vec.dtype))
-        return self.item_encoder(text_vec, image_vec, has_image, idx)
+        return self.item_encoder(text_vec, image_vec, has_image, idx, self.config.item_residual_dropout)
 
     # --- the forward pass -----------------------------------------------------------------------
 

@@ -181,11 +181,12 @@ def _row(task: str, user: str, content: list[dict], target: str, view: str) -> d
             "target": target, "answer": "", "messages": json.dumps([{"role": "user", "content": content}])}
 
 
-def _id_sequence_rows(seq: dict, length: int, task: str) -> list[dict]:
-    """One training sequence's identifier-only rows: chunks of up to `length` items from the newest end."""
+def _id_sequence_rows(seq: dict, length: int, task: str, shift: int = 0) -> list[dict]:
+    """One training sequence's identifier-only rows: chunks of up to `length` items from the newest end
+    (without its newest `shift` items: a shifted reading puts the chunk borders elsewhere)."""
     from .templates import item_part
 
-    items = seq["item_ids"]
+    items = seq["item_ids"][: len(seq["item_ids"]) - shift]
     rows = []
     for end in range(len(items), 1, -length):
         chunk = items[max(0, end - length) : end]
@@ -203,10 +204,12 @@ def build_id_sequence_examples(split: Split, length: int = 50, task: str = "id_s
     return Dataset.from_list(rows, features=EXAMPLE_FEATURES)
 
 
-def build_pretraining_examples(split: Split, max_history: int = 20, seed: int = 0, id_sequence: int = 0) -> Dataset:
+def build_pretraining_examples(split: Split, max_history: int = 20, seed: int = 0, id_sequence: int = 0,
+                               id_readings: int = 1) -> Dataset:
     """Serialized training histories, one user turn each (chunks of at most `max_history` items):
     the model learns them by next-item prediction over the item spans (the context loss). With
-    `id_sequence` > 0, the identifier-only rows of `build_id_sequence_examples` come too."""
+    `id_sequence` > 0, the identifier-only rows of `build_id_sequence_examples` come too, read
+    `id_readings` times, each reading with its chunk borders shifted by `id_sequence / id_readings` items."""
     from .templates import item_part
 
     rows = []
@@ -218,5 +221,6 @@ def build_pretraining_examples(split: Split, max_history: int = 20, seed: int = 
                 rows.append(_row("pretrain", seq["user_id"], [item_part(i, "history", r) for i, r in chunk],
                                  chunk[-1][0], "history"))
         if id_sequence > 0:
-            rows += _id_sequence_rows(seq, id_sequence, "pretrain")
+            for r in range(id_readings):
+                rows += _id_sequence_rows(seq, id_sequence, "pretrain", shift=r * id_sequence // id_readings)
     return Dataset.from_list(rows, features=EXAMPLE_FEATURES)

@@ -42,6 +42,9 @@ class TrainConfig:
     max_tokens: int = 1024  # prompt budget in tokens
     id_sequence: int = 50  # also read each training sequence as identifiers only, in chunks of this many items (0 = off;
     # pretraining adds these rows, tuning replays them at the mixture's id_sequence weight, with the context loss on)
+    id_readings: int = 1  # pretraining reads each sequence's identifier-only rows this many times, chunk borders shifted
+    group_by_length: bool = True  # batch rows of similar token length (transformers' LengthGroupedSampler): a short
+    # identifier-only row then costs a fraction of a multimodal one instead of being padded to it
     n_candidates: int = 10  # candidates in pick-from-candidates prompts
     # --- optimisation ---
     epochs: float = 1.0
@@ -58,6 +61,8 @@ class TrainConfig:
     focal_gamma: float = 0.0  # > 0: focal re-weighting of answer tokens (UniMP)
     context_loss_weight: float = 0.0  # predict history items' identifiers (pretrain sets 1.0)
     contrastive_loss_weight: float = 0.0  # image-text alignment (pretrain sets 0.1)
+    item_residual_dropout: float = 0.0  # content ids: the share of items read from their content alone in each
+    # training pass (their learned per-item residual dropped, as in DropoutNet); 0.5 did not help cold items
     # --- LoRA (finetune) ---
     lora_r: int = 8
     lora_alpha: int = 16
@@ -103,6 +108,10 @@ class TrainConfig:
         if self.split == "cold_items" and not self.init_from and self.item_mode == "atomic":
             raise ValueError("split cold_items needs content or semantic item ids: an atomic id of an item that is "
                              "never in training is never trained (item_mode: content or semantic)")
+        if self.id_readings < 1 or (self.id_sequence > 0 and self.id_readings > self.id_sequence):
+            raise ValueError(f"id_readings must be between 1 and id_sequence ({self.id_sequence}), got {self.id_readings}")
+        if not 0 <= self.item_residual_dropout < 1:
+            raise ValueError(f"item_residual_dropout must be in [0, 1), got {self.item_residual_dropout}")
         if not 0 < self.cold_fraction < 1:
             raise ValueError(f"cold_fraction must be between 0 and 1, got {self.cold_fraction}")
         unknown = set(self.tasks) - set(DEFAULT_TASK_WEIGHTS)

@@ -69,7 +69,8 @@ def _examples(cfg: TrainConfig, domain, split):
     from ..instructions.examples import build_id_sequence_examples, build_pretraining_examples, build_training_examples
 
     if cfg.stage == "pretrain":
-        return build_pretraining_examples(split, max_history=cfg.max_history, seed=cfg.seed, id_sequence=cfg.id_sequence)
+        return build_pretraining_examples(split, max_history=cfg.max_history, seed=cfg.seed, id_sequence=cfg.id_sequence,
+                                          id_readings=cfg.id_readings)
     tasks = [t for t, w in cfg.tasks.items() if w > 0 and t != "id_sequence"]
     ds = build_training_examples(domain, split, tasks=tasks, per_user=cfg.per_user, max_history=cfg.max_history,
                                  n_candidates=cfg.n_candidates, seed=cfg.seed)
@@ -94,19 +95,21 @@ def _replays_id_sequence(cfg: TrainConfig) -> bool:
     return cfg.stage != "pretrain" and cfg.id_sequence > 0 and cfg.tasks.get("id_sequence", 0) > 0
 
 
-def _drop_too_long(examples, collator):
-    """Examples whose prompt cannot fit the budget even with no history are left out, and counted."""
+def _measure(examples, collator):
+    """Each example's length in tokens, as a `length` column (for batching by length). Examples whose
+    prompt cannot fit the budget even with no history are left out, and counted."""
     from ..instructions.chat import PromptTooLong
 
-    keep = []
+    keep, lengths = [], []
     for k, m in enumerate(examples["messages"]):
         try:
-            collator.encode(m)
+            lengths.append(len(collator.encode(m).input_ids))
             keep.append(k)
         except PromptTooLong:
             pass
     dropped = len(examples) - len(keep)
-    return (examples.select(keep) if dropped else examples), dropped
+    examples = examples.select(keep) if dropped else examples
+    return examples.add_column("length", lengths), dropped
 
 
 def _check_same_cold_items(cfg: TrainConfig, init_from: Path) -> None:
@@ -160,7 +163,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     (out / "train_config.yaml").write_text(cfg.to_yaml())
     domain = load_domain(cfg.domain)
     split = make_split(domain, cfg.split, cfg.cold_fraction, cfg.cold_seed)
-    losses = dict(focal_gamma=cfg.focal_gamma,
+    knobs = dict(focal_gamma=cfg.focal_gamma, item_residual_dropout=cfg.item_residual_dropout,
                   context_loss_weight=cfg.context_loss_weight or (1.0 if cfg.stage == "pretrain" or _replays_id_sequence(cfg)
                                                                   else 0.0),
                   contrastive_loss_weight=cfg.contrastive_loss_weight or (0.1 if cfg.stage == "pretrain" else 0.0))
@@ -168,7 +171,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
         _check_same_cold_items(cfg, Path(cfg.init_from))
         tokenizers = Tokenizers(cfg.init_from)
         model = RecFMForCausalLM.from_pretrained(cfg.init_from)
-        for k, v in losses.items():
+        for k, v in knobs.items():
             setattr(model.config, k, v)
         if cfg.stage == "finetune" and tokenizers.index.item_ids != ItemIndex.from_training(split.train, domain.item_ids).item_ids:
             tokenizers.for_domain(domain, split.train)  # a new domain: its items enter through content ids
@@ -178,7 +181,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
         if cfg.split == "cold_items":  # the vocabulary order from this split's training data: cold items last
             tokenizers.reindex(domain, split.train)
         model = build_model(cfg.preset, tokenizers, fusion=cfg.fusion, vision=cfg.vision, image_tokens=cfg.image_tokens,
-                            text_path=cfg.text_path, vision_path=cfg.vision_path, item_layout=cfg.item_layout, **losses)
+                            text_path=cfg.text_path, vision_path=cfg.vision_path, item_layout=cfg.item_layout, **knobs)
     mc = model.config
     if cfg.split == "cold_items" and mc.item_mode == "atomic":
         raise ValueError(f"{cfg.init_from} has atomic item ids: split cold_items needs content or semantic ids")
@@ -188,7 +191,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
         model.model.n_trained_items = tokenizers.index.n_train_items  # the training loss's catalogue (seen items first)
     examples = _examples(cfg, domain, split)
     collator = Collator(render_context(tokenizers, domain, mc, cfg.max_tokens), images, mc)
-    examples, too_long = _drop_too_long(examples, collator)
+    examples, too_long = _measure(examples, collator)
     if too_long:
         print(f"dropped {too_long} of {len(examples) + too_long} examples that do not fit max_tokens={cfg.max_tokens} "
               "even without history (raise max_tokens to keep them)")
@@ -210,6 +213,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         bf16=use_bf16(cfg.bf16), seed=cfg.seed, data_seed=cfg.seed, report_to=["tensorboard"],
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not progress,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         use_cpu=not torch.cuda.is_available(),
     )
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "logs")
