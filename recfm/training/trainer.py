@@ -163,10 +163,11 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     (out / "train_config.yaml").write_text(cfg.to_yaml())
     domain = load_domain(cfg.domain)
     split = make_split(domain, cfg.split, cfg.cold_fraction, cfg.cold_seed)
+    # the model's training knobs (losses, residual dropout), set on its config whether built or loaded
     knobs = dict(focal_gamma=cfg.focal_gamma, item_residual_dropout=cfg.item_residual_dropout,
-                  context_loss_weight=cfg.context_loss_weight or (1.0 if cfg.stage == "pretrain" or _replays_id_sequence(cfg)
-                                                                  else 0.0),
-                  contrastive_loss_weight=cfg.contrastive_loss_weight or (0.1 if cfg.stage == "pretrain" else 0.0))
+                 context_loss_weight=cfg.context_loss_weight or (1.0 if cfg.stage == "pretrain" or _replays_id_sequence(cfg)
+                                                                 else 0.0),
+                 contrastive_loss_weight=cfg.contrastive_loss_weight or (0.1 if cfg.stage == "pretrain" else 0.0))
     if cfg.init_from:
         _check_same_cold_items(cfg, Path(cfg.init_from))
         tokenizers = Tokenizers(cfg.init_from)
