@@ -181,17 +181,19 @@ def _row(task: str, user: str, content: list[dict], target: str, view: str) -> d
             "target": target, "answer": "", "messages": json.dumps([{"role": "user", "content": content}])}
 
 
-def _id_sequence_rows(seq: dict, length: int, task: str, shift: int = 0) -> list[dict]:
-    """One training sequence's identifier-only rows: chunks of up to `length` items from the newest end
-    (without its newest `shift` items: a shifted reading puts the chunk borders elsewhere)."""
+def _id_sequence_rows(seq: dict, length: int, task: str, readings: int = 1) -> list[dict]:
+    """One training sequence's identifier-only rows: chunks of up to `length` items from the newest end,
+    read `readings` times; reading r leaves out the newest r * length // readings items, so its chunk
+    borders fall elsewhere."""
     from .templates import item_part
 
-    items = seq["item_ids"][: len(seq["item_ids"]) - shift]
     rows = []
-    for end in range(len(items), 1, -length):
-        chunk = items[max(0, end - length) : end]
-        if len(chunk) >= 2:
-            rows.append(_row(task, seq["user_id"], [item_part(i, "id") for i in chunk], chunk[-1], "id_sequence"))
+    for r in range(readings):
+        items = seq["item_ids"][: len(seq["item_ids"]) - r * length // readings]
+        for end in range(len(items), 1, -length):
+            chunk = items[max(0, end - length) : end]
+            if len(chunk) >= 2:
+                rows.append(_row(task, seq["user_id"], [item_part(i, "id") for i in chunk], chunk[-1], "id_sequence"))
     return rows
 
 
@@ -221,6 +223,5 @@ def build_pretraining_examples(split: Split, max_history: int = 20, seed: int = 
                 rows.append(_row("pretrain", seq["user_id"], [item_part(i, "history", r) for i, r in chunk],
                                  chunk[-1][0], "history"))
         if id_sequence > 0:
-            for r in range(id_readings):
-                rows += _id_sequence_rows(seq, id_sequence, "pretrain", shift=r * id_sequence // id_readings)
+            rows += _id_sequence_rows(seq, id_sequence, "pretrain", id_readings)
     return Dataset.from_list(rows, features=EXAMPLE_FEATURES)
