@@ -35,6 +35,12 @@ VARIANTS = {  # name -> training config overrides
     "early-content-dropout": dict(fusion="early", item_mode="content", item_residual_dropout=0.5),
     "no-images": dict(fusion="early", item_mode="atomic", vision=None),
 }
+# variant -> (the variant whose pretraining run it continues, for the same seed; an identifier-only stage
+# run between that pretraining and tuning: many cheap passes over the sequences, as SASRec trains)
+ID_STAGES = {
+    "early-atomic-idstage": ("early-atomic", dict(id_readings=5, epochs=1.0, batch_size=32, lr=1e-3)),
+}
+VARIANTS["early-atomic-idstage"] = VARIANTS["early-atomic"]
 METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr")
 
 
@@ -47,16 +53,27 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
                   cold_fraction=args.cold_fraction, **VARIANTS[variant])
     name = f"{variant}-s{seed}" + ("-cold" if args.split == "cold_items" else "")
     final = work / name
+    stages = [work / f"{name}-pre"] + ([work / f"{name}-ids"] if variant in ID_STAGES else [])
+    if variant in ID_STAGES:  # continue the base variant's pretraining run of this seed
+        stages[0] = work / (f"{ID_STAGES[variant][0]}-s{seed}" + ("-cold" if args.split == "cold_items" else "") + "-pre")
     if args.reuse and (final / "run.json").exists():  # evaluate a run this script trained before
-        info = json.loads((final / "run.json").read_text())
-        pre_info = json.loads((work / f"{name}-pre" / "run.json").read_text())
+        runtime = sum(json.loads((d / "run.json").read_text())["train_runtime_s"] for d in [final, *stages])
         report = evaluate(final, domain_dir, tasks=["next_item"], seed=seed, progress=False, split=args.split)
-        return result(report, info["train_runtime_s"] + pre_info["train_runtime_s"])
+        return result(report, runtime)
     t0 = time.perf_counter()
-    pre = train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(work / f"{name}-pre"),
-                            max_steps=args.pretrain_steps, lr=2e-3, **common), progress=False)
+    if (stages[0] / "run.json").exists() and variant in ID_STAGES:
+        pre, info = stages[0], json.loads((stages[0] / "run.json").read_text())
+        if info["steps"] != args.pretrain_steps:
+            raise SystemExit(f"{pre} pretrained {info['steps']} steps, not --pretrain-steps {args.pretrain_steps}")
+        t0 -= info["train_runtime_s"]
+    else:
+        pre = train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(stages[0]),
+                                max_steps=args.pretrain_steps, lr=2e-3, **common), progress=False)
     for k in ("vision", "fusion", "item_mode", "item_layout"):  # the model's own, from the pretrained run
         common.pop(k, None)
+    if variant in ID_STAGES:
+        pre = train(TrainConfig(stage="pretrain", init_from=str(pre), output=str(stages[1]), pretrain_history=False,
+                                **{**common, **ID_STAGES[variant][1]}), progress=False)
     run = train(TrainConfig(stage="tune", init_from=str(pre), output=str(final),
                             max_steps=args.tune_steps, lr=1e-3, tasks={"next_item": 2.0, "pick_candidate": 1.0, "id_sequence": 1.0},
                             **common), progress=False)

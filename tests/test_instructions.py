@@ -97,6 +97,13 @@ def test_id_sequence_view_covers_each_training_sequence_from_its_newest_end(worl
     assert tuple(order[-4:]) in firsts and tuple(order[-6:-2]) in firsts
     assert len(rows) > len(ids)
 
+    # the identifier-only stage: the same id rows, no multimodal ones; it cannot be asked without id rows
+    only = build_pretraining_examples(split, max_history=5, id_sequence=4, id_readings=2, history=False)
+    assert set(only["template_id"]) == {"id_sequence"}
+    assert only["messages"] == [m for m, t in zip(two["messages"], two["template_id"]) if t == "id_sequence"]
+    with pytest.raises(ValueError, match="id_sequence must be > 0"):
+        build_pretraining_examples(split, history=False)
+
 
 def test_eval_examples_cover_seen_and_held_out_templates(world):
     domain, split, *_ = world

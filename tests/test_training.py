@@ -48,6 +48,24 @@ def test_stages_write_a_loadable_run(tuned_run):
     assert ckpts == ["checkpoint-12", "checkpoint-8"]  # save_total_limit 2, no staging left behind
 
 
+def test_identifier_only_stage_continues_a_run(small_default, tuned_run, tmp_path):
+    from recfm.data import load_domain, make_split
+    from recfm.instructions import build_id_sequence_examples
+
+    run = train(TrainConfig(stage="pretrain", domain=str(small_default.path), init_from=str(tuned_run),
+                            output=str(tmp_path / "ids"), max_steps=3, id_sequence=4, pretrain_history=False,
+                            **{**TINY, "logging_steps": 1}), progress=False)
+    info = json.loads((run / "run.json").read_text())
+    split = make_split(load_domain(small_default.path), "leave_one_out")
+    assert info["examples"] == len(build_id_sequence_examples(split, 4))  # identifier rows only
+    losses = [h["loss"] for h in json.loads((run / "log_history.json").read_text()) if "loss" in h]
+    assert len(losses) == 3 and all(0 < l < 50 for l in losses)
+    with pytest.raises(ValueError, match="pretrain_history: false"):
+        TrainConfig.load(None, stage="tune", domain="x", tokenizers="y", pretrain_history=False)
+    with pytest.raises(ValueError, match="pretrain_history: false"):
+        TrainConfig.load(None, stage="pretrain", domain="x", tokenizers="y", pretrain_history=False, id_sequence=0)
+
+
 def test_loss_goes_down_when_training_longer(small_default, tok_dir, tmp_path):
     run = train(TrainConfig(stage="tune", domain=str(small_default.path), tokenizers=str(tok_dir), output=str(tmp_path / "r"),
                             max_steps=30, tasks={"next_item": 1.0}, item_layout="id_first", **{**TINY, "logging_steps": 5}),

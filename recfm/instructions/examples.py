@@ -207,17 +207,21 @@ def build_id_sequence_examples(split: Split, length: int = 50, task: str = "id_s
 
 
 def build_pretraining_examples(split: Split, max_history: int = 20, seed: int = 0, id_sequence: int = 0,
-                               id_readings: int = 1) -> Dataset:
+                               id_readings: int = 1, history: bool = True) -> Dataset:
     """Serialized training histories, one user turn each (chunks of at most `max_history` items):
     the model learns them by next-item prediction over the item spans (the context loss). With
     `id_sequence` > 0, the identifier-only rows of `build_id_sequence_examples` come too, read
-    `id_readings` times, each reading with its chunk borders shifted by `id_sequence / id_readings` items."""
+    `id_readings` times, each reading with its chunk borders shifted by `id_sequence / id_readings` items.
+    `history=False` leaves the multimodal rows out: identifier-only rows alone, a cheap stage of many
+    passes over the sequences, as a sequential recommender trains."""
+    if not history and id_sequence <= 0:
+        raise ValueError("pretraining with history=False reads identifier-only rows, so id_sequence must be > 0")
     from .templates import item_part
 
     rows = []
     for seq in split.train:
         items = list(zip(seq["item_ids"], seq["ratings"]))
-        for start in range(0, len(items), max_history):
+        for start in range(0, len(items) if history else 0, max_history):
             chunk = items[start : start + max_history]
             if len(chunk) >= 2:
                 rows.append(_row("pretrain", seq["user_id"], [item_part(i, "history", r) for i, r in chunk],

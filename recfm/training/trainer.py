@@ -70,7 +70,7 @@ def _examples(cfg: TrainConfig, domain, split):
 
     if cfg.stage == "pretrain":
         return build_pretraining_examples(split, max_history=cfg.max_history, seed=cfg.seed, id_sequence=cfg.id_sequence,
-                                          id_readings=cfg.id_readings)
+                                          id_readings=cfg.id_readings, history=cfg.pretrain_history)
     tasks = [t for t, w in cfg.tasks.items() if w > 0 and t != "id_sequence"]
     ds = build_training_examples(domain, split, tasks=tasks, per_user=cfg.per_user, max_history=cfg.max_history,
                                  n_candidates=cfg.n_candidates, seed=cfg.seed)
