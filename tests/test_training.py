@@ -54,7 +54,7 @@ def test_identifier_only_stage_continues_a_run(small_default, tuned_run, tmp_pat
 
     run = train(TrainConfig(stage="pretrain", domain=str(small_default.path), init_from=str(tuned_run),
                             output=str(tmp_path / "ids"), max_steps=3, id_sequence=4, pretrain_history=False,
-                            **{**TINY, "logging_steps": 1}), progress=False)
+                            group_by_length=True, **{**TINY, "logging_steps": 1}), progress=False)
     info = json.loads((run / "run.json").read_text())
     split = make_split(load_domain(small_default.path), "leave_one_out")
     assert info["examples"] == len(build_id_sequence_examples(split, 4))  # identifier rows only
@@ -351,6 +351,19 @@ def test_rows_are_measured_for_batching_by_length(small_default, tok_dir):
     grouped = list(LengthGroupedSampler(4, lengths=measured["length"]))
     assert sorted(grouped) == list(range(len(measured)))
     assert padded(grouped) < 0.5 * padded(torch.randperm(len(measured)).tolist())
+
+    # recfm's sampler: the same batches by length, but in random order, not longest to shortest
+    from recfm.training.trainer import ShuffledLengthGroupedSampler
+
+    torch.manual_seed(0)
+    shuffled = list(ShuffledLengthGroupedSampler(measured["length"], 4))
+    assert sorted(shuffled) == list(range(len(measured)))
+    assert padded(shuffled) < 0.5 * padded(torch.randperm(len(measured)).tolist())
+    tops = [max(measured["length"][i] for i in shuffled[k:k + 4]) for k in range(0, len(shuffled) - 4, 4)]
+    falls = sum(a >= b for a, b in zip(tops, tops[1:]))
+    assert 0.25 < falls / (len(tops) - 1) < 0.75  # batch sizes go up and down; transformers' sampler only falls
+    hf_tops = [max(measured["length"][i] for i in grouped[k:k + 4]) for k in range(0, len(grouped) - 4, 4)]
+    assert sum(a >= b for a, b in zip(hf_tops, hf_tops[1:])) / (len(hf_tops) - 1) > 0.8
 
     tight = Collator(render_context(tok, small_default, model.config, 12), ItemImages(small_default, 32), model.config)
     kept, dropped = _measure(rows, tight)

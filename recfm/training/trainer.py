@@ -29,8 +29,38 @@ from .config import TrainConfig, use_bf16
 CHECKPOINTS = "checkpoints"
 
 
+class ShuffledLengthGroupedSampler(torch.utils.data.Sampler):
+    """Batches of similar length in random order. transformers' LengthGroupedSampler sorts each
+    mega-batch of 50 batches from the longest rows to the shortest, so a short run sees every task
+    in a long sawtooth (multimodal rows, then ratings and identifier rows); here the batches are cut
+    the same way and then shuffled, so the task mix of every stretch of training stays the dataset's.
+    A short last batch stays last (the data loader cuts batches from consecutive indices)."""
+
+    def __init__(self, lengths: list[int], batch_size: int):
+        self.lengths, self.batch_size = list(lengths), batch_size
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        order = get_length_grouped_indices(self.lengths, self.batch_size)  # the global torch RNG, as transformers'
+        batches = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        tail = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        perm = torch.randperm(len(batches)).tolist()
+        return iter([i for b in [*(batches[k] for k in perm), *tail] for i in b])
+
+
 class RecFMTrainer(Trainer):
-    """Trainer whose checkpoints appear atomically: written under .staging, then renamed."""
+    """Trainer whose checkpoints appear atomically: written under .staging, then renamed, and whose
+    batching by length keeps the batch order random (ShuffledLengthGroupedSampler)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and "length" in getattr(ds, "column_names", ()):
+            return ShuffledLengthGroupedSampler(ds["length"], self.args.train_batch_size)
+        return super()._get_train_sampler(train_dataset)
 
     def _save_checkpoint(self, model, trial):
         run_dir = self.args.output_dir
