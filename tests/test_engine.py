@@ -114,6 +114,50 @@ def test_greedy_equals_generate_through_the_modules(setup):
     assert outputs(eng, setup.prompts) == setup.expected
 
 
+def test_greedy_equals_generate_with_either_decode_attention(setup):
+    """Decode attention by the native kernel (read in place from the paged cache) and by gathered
+    blocks + SDPA (where the kernel cannot be built) give generate's answers."""
+    from recfm.serving import native
+
+    gathered = setup.engine(native_attention=False)
+    assert gathered.runner.native is None
+    assert outputs(gathered, setup.prompts) == setup.expected
+    if native.paged_decode() is None:
+        pytest.skip(f"the native kernel could not be built here: {native.error()}")
+    eng = setup.engine()
+    assert eng.runner.native is not None
+    assert outputs(eng, setup.prompts) == setup.expected
+
+
+def test_native_decode_attention_equals_sdpa_over_gathered_blocks():
+    from recfm.serving import attention, native
+
+    op = native.paged_decode()
+    if op is None:
+        pytest.skip(f"the native kernel could not be built here: {native.error()}")
+    g = torch.Generator().manual_seed(0)
+    nb, bs, kvh, d, heads = 64, 4, 2, 16, 6  # grouped-query: 3 query heads per kv head
+    kc, vc = torch.randn(nb, bs, kvh, d, generator=g), torch.randn(nb, bs, kvh, d, generator=g)
+    lengths = torch.tensor([1, 4, 5, 17, 30, 9])  # one token, a full block, one into the next, ...
+    width = int(-(-lengths.max() // bs))
+    tables = torch.randperm(nb, generator=g)[: len(lengths) * width].view(len(lengths), width)  # disjoint blocks
+    q = torch.randn(len(lengths), heads, d, generator=g)
+    mask = (torch.arange(width * bs)[None] < lengths[:, None])[:, None, None, :]
+    kd, vd = (attention.gather(c, tables).transpose(1, 2) for c in (kc, vc))
+    want = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=mask, scale=0.3,
+                                                            enable_gqa=True).squeeze(2)
+    torch.testing.assert_close(op(q, kc, vc, tables, lengths, 0.3), want, rtol=1e-5, atol=1e-5)
+    # each sequence reads its own slots up to its length and nothing else: NaN everywhere else changes nothing
+    used = torch.zeros(nb * bs, dtype=torch.bool)
+    for row, n in zip(tables, lengths.tolist()):
+        used[[int(row[t // bs]) * bs + t % bs for t in range(n)]] = True
+    kc.view(nb * bs, kvh, d)[~used] = float("nan")
+    vc.view(nb * bs, kvh, d)[~used] = float("nan")
+    torch.testing.assert_close(op(q, kc, vc, tables, lengths, 0.3), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="length outside its block table"):
+        op(q, kc, vc, tables, lengths + 100, 0.3)
+
+
 def test_fast_decoder_shares_the_weights(setup):
     """q/k/v and gate/up are fused into one matrix each, and the modules' weights are views into it:
     no second copy, and what transformers' forward reads is what the fast pass reads."""

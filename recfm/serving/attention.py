@@ -5,8 +5,10 @@
 every scheduled token of every sequence in a single row (batch size 1), positions given per token. The function writes the new keys and values into the
 paged cache at their slots, then attends:
 
-- decode tokens (one per sequence) together, in one SDPA call over each sequence's gathered blocks
-  (padded to the longest context, the padding masked out);
+- decode tokens (one per sequence) together: by the native kernel (`native.py`), which reads each
+  sequence's keys and values in place through its block table, or, where that cannot be built or
+  the cache is not fp32, in one SDPA call over each sequence's gathered blocks (padded to the
+  longest context, the padding masked out);
 - each prefill chunk on its own: a chunk with no earlier context attends causally among its own
   tokens (the same computation as a whole-prompt forward pass); a later chunk gathers the context
   already in the cache and attends with a causal mask offset by the context length.
@@ -16,6 +18,7 @@ Without `paged` metadata in the call it falls back to SDPA (see `register` for t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +45,9 @@ class PagedMetadata:
     slot_mapping: torch.Tensor  # (N,) where each token's key/value goes (block * block_size + offset)
     decode_rows: torch.Tensor | None = None  # (nd,) rows of the decode tokens
     decode_blocks: torch.Tensor | None = None  # (nd, max_blocks) block table per decode sequence (padded with 0)
-    decode_mask: torch.Tensor | None = None  # (nd, 1, 1, max_blocks * block_size) bool
+    decode_mask: torch.Tensor | None = None  # (nd, 1, 1, max_blocks * block_size) bool (SDPA path)
+    decode_lengths: torch.Tensor | None = None  # (nd,) context length of each decode sequence, new token included
+    native: Callable | None = None  # native.paged_decode(): decode attention read in place from the cache
     prefills: list[PrefillChunk] = field(default_factory=list)
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # reused buffers for gathered keys and values
 
@@ -79,7 +84,10 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     vc.view(-1, *vc.shape[2:]).index_copy_(0, meta.slot_mapping, v.to(vc.dtype))
     gqa = q.shape[1] != k.shape[1]
     out = q.new_empty(q.shape)
-    if meta.decode_rows is not None:
+    if meta.decode_rows is not None and meta.native is not None:
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        out[meta.decode_rows] = meta.native(q[meta.decode_rows], kc, vc, meta.decode_blocks, meta.decode_lengths, scale)
+    elif meta.decode_rows is not None:
         qd = q[meta.decode_rows].unsqueeze(2)  # (nd, H, 1, d)
         sk, sv = meta.scratch or (None, None)
         kd = gather(kc, meta.decode_blocks, sk).transpose(1, 2).to(q.dtype)  # (nd, kvh, L, d)

@@ -36,6 +36,7 @@ class EngineConfig:
     prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     fast_decoder: bool = True  # the decoder as plain tensor code (decoder.py) where the architecture allows
+    native_attention: bool = True  # decode attention by the compiled kernel (native.py) where it builds; else SDPA
 
 
 @dataclass
@@ -79,7 +80,8 @@ class Engine:
         if num_blocks is None:
             num_blocks = max(2, config.kv_cache_bytes // KVCache.block_bytes(kv_spec(model), config.block_size))
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, fast=config.fast_decoder)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, fast=config.fast_decoder,
+                                  native_attention=config.native_attention)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.chunked_prefill), self.blocks, self._block_keys)
         self.requests: dict[str, Request] = {}

@@ -34,7 +34,8 @@ class RequestEmbeds:
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, image_cache_size: int = 4096, fast: bool = True):
+    def __init__(self, model, num_blocks: int, block_size: int, image_cache_size: int = 4096, fast: bool = True,
+                 native_attention: bool = True):
         self.model = model
         self.cfg = model.config
         self.lm = model.model.language_model
@@ -45,6 +46,11 @@ class ModelRunner:
         self.cache = KVCache(spec["num_layers"], num_blocks, block_size, spec["kv_heads"], spec["head_dim"],
                              spec["dtype"], spec["device"])
         self.block_size = block_size
+        self.native = None  # decode attention in place from the cache (fp32 CPU cache only)
+        if native_attention and self.dtype == torch.float32 and torch.device(self.device).type == "cpu":
+            from . import native
+
+            self.native = native.paged_decode()
         self.image_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_cache_size = image_cache_size
         self.image_hits = self.image_misses = 0
@@ -159,8 +165,11 @@ class ModelRunner:
                 tables[k, : len(s.block_table)] = torch.tensor(s.block_table[:width])
             meta.decode_rows = torch.tensor(decode_rows, dtype=torch.long)
             meta.decode_blocks = tables
-            meta.decode_mask = (torch.arange(width * bs)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
-            meta.scratch = self._scratch(tables.numel() * bs)
+            if self.native is not None:
+                meta.native, meta.decode_lengths = self.native, torch.tensor(lengths, dtype=torch.long)
+            else:
+                meta.decode_mask = (torch.arange(width * bs)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+                meta.scratch = self._scratch(tables.numel() * bs)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         embeds = self.lm.get_input_embeddings()(input_ids)
         for row, req, lo, hi in overrides:
