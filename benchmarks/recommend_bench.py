@@ -118,7 +118,11 @@ def main():
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "recfm" / "bench")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default=None, help="result file stem (default recommend_<domain>)")
+    ap.add_argument("--collect", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="build the table from results this script saved before (each run's entry from the last file "
+                         "given that holds it; their settings must match these) instead of training or evaluating")
     args = ap.parse_args()
+    collected = _collect(args) if args.collect else None
 
     from recfm.data import load_domain
     from recfm.tokenizers.build import tokenize_domain
@@ -131,25 +135,30 @@ def main():
     if not (tok_dir / "tokenizers.json").exists():
         tokenize_domain(domain_dir, tok_dir, vocab_size=4096, vq_steps=args.vq_steps, vq_codebook=256, vq_channels=32,
                         vq_batch_size=32, progress=False)
-    rows, raw = [], {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    rows, raw = [], {"settings": {k: ([str(p) for p in v] if k == "collect" and v else str(v) if isinstance(v, Path) else v)
+                                  for k, v in vars(args).items()}}
     baselines = None
     for seed in args.seeds:
         for variant in args.variants:
-            r = run_recfm(domain_dir, tok_dir, work, variant, seed, args)
+            r = collected[f"recfm/{variant}/seed{seed}"] if collected else run_recfm(domain_dir, tok_dir, work, variant, seed, args)
             baselines = r["baselines"]
             raw[f"recfm/{variant}/seed{seed}"] = r
             rows.append((f"recfm {variant} (seen template)", seed, r["seen"], r["train_s"]))
             rows.append((f"recfm {variant} (held-out template)", seed, r["held_out"], r["train_s"]))
             if r["id_sequence"]:
                 rows.append((f"recfm {variant} (identifier-sequence view)", seed, r["id_sequence"], r["train_s"]))
-        if not args.no_sasrec and args.split == "leave_one_out":
+        if collected and f"sasrec/seed{seed}" in collected:
+            s = collected[f"sasrec/seed{seed}"]
+            raw[f"sasrec/seed{seed}"] = s
+            rows.append(("SASRec (RecBole 1.2.1)", seed, {**s["recfm_names"], "mrr": s["metrics"]["mrr@20"]}, s.get("train_s", float("nan"))))
+        elif not args.no_sasrec and args.split == "leave_one_out" and not collected:
             from sasrec_recbole import run_sasrec
 
             t0 = time.perf_counter()
             s = run_sasrec(domain_dir, seed=seed, epochs=args.sasrec_epochs)
+            s["train_s"] = time.perf_counter() - t0
             raw[f"sasrec/seed{seed}"] = s
-            rows.append(("SASRec (RecBole 1.2.1)", seed, {**s["recfm_names"], "mrr": s["metrics"]["mrr@20"]},
-                         time.perf_counter() - t0))
+            rows.append(("SASRec (RecBole 1.2.1)", seed, {**s["recfm_names"], "mrr": s["metrics"]["mrr@20"]}, s["train_s"]))
     for name, m in (baselines or {}).items():
         if isinstance(m, dict) and "hr@10" in m:
             rows.append((name.replace("_", " "), "-", m, 0.0))
@@ -174,7 +183,8 @@ def main():
              + f" recfm: `{args.preset}` preset, {args.pretrain_steps} pretraining + "
              f"{args.tune_steps} tuning steps of batch 8, history {args.max_history} items. "
              + ("SASRec not run." if args.no_sasrec or args.split != "leave_one_out" else
-                f"SASRec: RecBole 1.2.1 defaults except CE loss, 2 layers, hidden 64, {args.sasrec_epochs} epochs max with "
+                f"SASRec: RecBole 1.2.1 defaults except CE loss, 2 layers, hidden 64, "
+                f"{'/'.join(str(e) for e in sorted({v.get('epochs', args.sasrec_epochs) for k, v in raw.items() if k.startswith('sasrec/')}) or [args.sasrec_epochs])} epochs max with "
                 "early stopping on validation NDCG@10; its test (user, item) pairs were checked equal to recfm's.")
              + " train (s): wall-clock seconds of pretraining + tuning as recorded when the run was trained.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -202,10 +212,36 @@ def main():
                 t = paired_test([other[u] for u in users], [ref[u] for u in users])
                 raw[f"recfm/{v}/seed{seed}"]["vs_first_variant"] = t
                 lines.append(f"- {v}, seed {seed}: mean difference {t['mean_diff']:+.4f} over {t['n']} users, p = {t['p_value']:.4f}")
+    if collected:
+        lines += ["", "Collected from earlier runs of this script (nothing retrained or re-evaluated):", ""]
+        lines += [f"- {k}: `{collected['_from'][k]}`" for k in raw if k in collected["_from"]]
     lines += ["", f"Machine: {json.dumps(machine)}", f"Settings: {json.dumps(raw['settings'])}"]
     stem = write_result(args.name or f"recommend_{domain.name}", "\n".join(lines), raw, args.out)
     plot(rows, stem.with_suffix(".png"), domain.name)
     print("\n".join(lines))
+
+
+def _collect(args) -> dict:
+    """Saved per-run results by key (`recfm/<variant>/seed<N>`, `sasrec/seed<N>`), checked against
+    this invocation's settings; `_from` says which file each came from."""
+    found: dict = {"_from": {}}
+    same = ("preset", "pretrain_steps", "tune_steps", "max_history", "split")
+    for path in args.collect:
+        data = json.loads(path.read_text())
+        settings = data.get("settings", {})
+        for key, entry in data.items():
+            if not (key.startswith("recfm/") or key.startswith("sasrec/")):
+                continue
+            if key.startswith("recfm/"):
+                differ = [k for k in same if k in settings and settings[k] != getattr(args, k)]
+                if differ:
+                    raise SystemExit(f"{path}: {key} was run with other settings ({', '.join(f'{k}={settings[k]}' for k in differ)})")
+            found[key], found["_from"][key] = entry, path.name
+    wanted = [f"recfm/{v}/seed{s}" for s in args.seeds for v in args.variants]
+    missing = [k for k in wanted if k not in found]
+    if missing:
+        raise SystemExit(f"not in {[p.name for p in args.collect]}: {missing}")
+    return found
 
 
 def plot(rows, out: Path, name: str) -> None:
