@@ -95,6 +95,35 @@ def test_quantized_weights_are_smaller(run_dir):
     assert plain == [], f"left in fp32: {plain}"
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_kernel_computes_what_bitsandbytes_computes(quant_type):
+    """A few rows go through recfm's kernel over the packed codes, more through bitsandbytes; both
+    give the product with the dequantized weights."""
+    if not runnable(quant_type):
+        pytest.skip(f"{quant_type} cannot run on this machine")
+    import bitsandbytes.functional as F4
+    from torch import nn
+
+    from recfm.serving import native
+    from recfm.serving.quantization import Linear4bit, _to_4bit
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.lin = nn.Linear(128, 40)
+    _to_4bit(holder, "lin", holder.lin, quant_type)
+    q = holder.lin
+    assert isinstance(q, Linear4bit)
+    if native.gemv_4bit() is None:
+        pytest.skip(f"the native kernel could not be built here: {native.error('gemv_4bit')}")
+    assert q.kernel is not None
+    w = F4.dequantize_4bit(q.inner.weight.data, q.inner.weight.quant_state).float()
+    for rows in (1, 3, Linear4bit.ROWS, Linear4bit.ROWS + 1):
+        x = torch.randn(2, rows, 128)[0]
+        torch.testing.assert_close(q(x), x @ w.t() + q.inner.bias, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 5, 128)  # leading dimensions kept
+    torch.testing.assert_close(q(x), q.inner(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_embedding_rows_are_close_and_shaped(bits):
     torch.manual_seed(0)

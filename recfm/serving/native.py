@@ -2,10 +2,13 @@
 (the machine's C++ compiler, OpenMP through the libgomp torch already loaded) and cached under
 ~/.cache/recfm/extensions (or $RECFM_CACHE/extensions), one build per source, torch version and CPU.
 
-`paged_decode()` is decode attention read in place from the paged KV cache (see
-csrc/paged_decode.cpp): no gathered copy of each sequence's keys and values per layer. When it cannot
-be built (no compiler, a failed build) or RECFM_NATIVE=0 is set, it is None, `error()` says why, and
-the engine gathers blocks and calls SDPA instead; the answers are the same either way up to float
+- `paged_decode()`: decode attention read in place from the paged KV cache (csrc/paged_decode.cpp),
+  no gathered copy of each sequence's keys and values per layer;
+- `gemv_4bit()`: a few rows times a bitsandbytes nf4/fp4 matrix read from its packed bytes
+  (csrc/gemv_4bit.cpp), for 4-bit decoding at small batches.
+
+Each is None when it cannot be built (no compiler, a failed build) or RECFM_NATIVE=0 is set, and
+`error(name)` says why; callers then take their plain PyTorch path, with the same answers up to float
 rounding.
 """
 
@@ -19,51 +22,48 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+_CSRC = Path(__file__).parent / "csrc"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
           "-fassociative-math"]  # reassociation lets the compiler vectorize the dot products
-_op = None
-_error: str | None = None
-_tried = False
+_built: dict[str, object] = {}
+_errors: dict[str, str] = {}
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("RECFM_CACHE", Path.home() / ".cache" / "recfm")) / "extensions"
 
 
-def paged_decode():
-    """The compiled op (q, k_cache, v_cache, block_table, lengths, scale) -> out, or None."""
-    global _op, _error, _tried
-    if _tried:
-        return _op
-    _tried = True
+def _kernel(stem: str, fn: str):
+    if stem in _built or stem in _errors:
+        return getattr(_built.get(stem), fn, None)
     if os.environ.get("RECFM_NATIVE", "1") == "0":
-        _error = "turned off by RECFM_NATIVE=0"
+        _errors[stem] = "turned off by RECFM_NATIVE=0"
         return None
+    source = _CSRC / f"{stem}.cpp"
     try:
-        import logging
-
-        from torch.utils.cpp_extension import load
-
-        key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(
+        key = hashlib.sha256(source.read_bytes() + " ".join(
             [torch.__version__, platform.machine(), platform.processor(), torch.backends.cpu.get_cpu_capability(),
              *_FLAGS]).encode()).hexdigest()[:16]
-        name = f"recfm_paged_decode_{key}"
-        build = cache_dir() / f"paged_decode-{key}"
+        name = f"recfm_{stem}_{key}"
+        build = cache_dir() / f"{stem}-{key}"
         built = build / f"{name}.so"
         if built.is_file():  # built before from this very source and flags: load it without the build tool's checks
-            _op = _import(name, built).paged_decode
-            return _op
-        build.mkdir(parents=True, exist_ok=True)
-        print(f"building the native decode-attention kernel into {build} (once per machine and torch version; "
-              "about a minute)", file=sys.stderr, flush=True)
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        module = load(name=name, sources=[str(_SOURCE)], build_directory=str(build),
-                      extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
-        _op = module.paged_decode
-    except Exception as e:  # no compiler, no headers, a failed build: the engine's SDPA path stands in
-        _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-    return _op
+            _built[stem] = _import(name, built)
+        else:
+            import logging
+
+            from torch.utils.cpp_extension import load
+
+            build.mkdir(parents=True, exist_ok=True)
+            print(f"building recfm's {stem} kernel into {build} (once per machine and torch version; about a minute)",
+                  file=sys.stderr, flush=True)
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+            _built[stem] = load(name=name, sources=[str(source)], build_directory=str(build), extra_cflags=_FLAGS,
+                                extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no headers, a failed build: the caller's PyTorch path stands in
+        _errors[stem] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        return None
+    return getattr(_built[stem], fn)
 
 
 def _import(name: str, path: Path):
@@ -75,6 +75,16 @@ def _import(name: str, path: Path):
     return module
 
 
-def error() -> str | None:
-    """Why `paged_decode()` is None (after it was asked for)."""
-    return _error
+def paged_decode():
+    """(q, k_cache, v_cache, block_table, lengths, scale) -> out, or None."""
+    return _kernel("paged_decode", "paged_decode")
+
+
+def gemv_4bit():
+    """(x (m, k), packed uint8, absmax fp32, code (16,), n, block) -> (m, n), or None."""
+    return _kernel("gemv_4bit", "gemv_4bit")
+
+
+def error(stem: str = "paged_decode") -> str | None:
+    """Why a kernel is None (after it was asked for)."""
+    return _errors.get(stem)

@@ -13,8 +13,10 @@ Options, each measured on this project's CPU benchmark (`benchmarks/quant_bench.
   per row (`QuantizedEmbedding`). Activations get one scale per call over the whole step's batch,
   so an int8 answer can depend on what else is in the batch (or on a prefix-cache hit, which changes
   the batch); an fp32 answer does not.
-- `nf4`, `fp4`: the decoder's linear layers as bitsandbytes 4-bit weights (blocks of 64 with an
-  fp32 scale), dequantized per call; the token embeddings as 4-bit rows (two per byte, an fp16
+- `nf4`, `fp4`: the decoder's linear layers as bitsandbytes 4-bit weights (blocks of 64, their
+  scales double-quantized by bitsandbytes and kept dequantized in fp32 beside them), multiplied
+  by recfm's native kernel straight from the packed codes for up to 8 rows (decoding a few
+  sequences) and dequantized per call by bitsandbytes above that; the token embeddings as 4-bit rows (two per byte, an fp16
   scale and offset per group of 64); the output head, vision tower and projector in int8 as above.
   The head stays at 8 bits because its rows are the item scores.
 
@@ -110,6 +112,41 @@ def _to_int8(parent: nn.Module, name: str, lin: nn.Linear) -> None:
     setattr(parent, name, DynamicLinear.from_float(lin))
 
 
+class Linear4bit(nn.Module):
+    """A bitsandbytes 4-bit linear layer whose products with a few rows (one to `ROWS` decoding
+    sequences) run in recfm's native kernel (`native.gemv_4bit`, reading the packed codes, never the
+    fp32 weights); bigger batches, and machines where the kernel cannot be built, go through
+    bitsandbytes (dequantize, then a matrix product). Both compute code[nibble] * absmax with the same
+    absmax (bitsandbytes' double-quantized block scales, dequantized once here and kept in fp32)."""
+
+    ROWS = 8
+
+    def __init__(self, bnb_linear):
+        super().__init__()
+        import bitsandbytes.functional as F4
+
+        self.inner = bnb_linear
+        state = bnb_linear.weight.quant_state
+        absmax = F4.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+        self.register_buffer("absmax", absmax.float().contiguous())
+        self.register_buffer("code", state.code.float().contiguous())
+        self.block = state.blocksize
+        self.in_features, self.out_features = bnb_linear.in_features, bnb_linear.out_features
+        from . import native
+
+        self.kernel = native.gemv_4bit() if self.in_features % self.block == 0 and self.block % 16 == 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if self.kernel is None or rows > self.ROWS or x.dtype != torch.float32:
+            return self.inner(x)
+        out = self.kernel(x.reshape(rows, self.in_features), self.inner.weight.data.view(-1), self.absmax, self.code,
+                          self.out_features, self.block)
+        if self.inner.bias is not None:
+            out = out + self.inner.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+
 def _to_4bit(parent: nn.Module, name: str, lin: nn.Linear, quant_type: str) -> None:
     import bitsandbytes as bnb
 
@@ -118,7 +155,7 @@ def _to_4bit(parent: nn.Module, name: str, lin: nn.Linear, quant_type: str) -> N
     q.weight = bnb.nn.Params4bit(lin.weight.data.float().cpu(), requires_grad=False, quant_type=quant_type)._quantize("cpu")
     if lin.bias is not None:
         q.bias = nn.Parameter(lin.bias.data.float(), requires_grad=False)
-    setattr(parent, name, q)
+    setattr(parent, name, Linear4bit(q))
 
 
 def quantize(model, option: str) -> dict:
