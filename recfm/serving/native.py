@@ -47,7 +47,8 @@ def _kernel(stem: str, fn: str):
         name = f"recfm_{stem}_{key}"
         build = cache_dir() / f"{stem}-{key}"
         built = build / f"{name}.so"
-        if built.is_file():  # built before from this very source and flags: load it without the build tool's checks
+        if built.is_file() and not (build / "lock").exists():  # built before from this very source and flags (and no
+            # other process is building it now, under torch's lock file): load it without the build tool's checks
             _built[stem] = _import(name, built)
         else:
             import logging
