@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--text-users", type=int, default=150, help="test users for explanation ROUGE-L")
     ap.add_argument("--no-quality", default="bf16", help="options measured without the NDCG/ROUGE evaluation (bf16: "
                     "emulated on CPUs without bf16 units, its batched evaluation takes ~10x longer)")
+    ap.add_argument("--name", default="quant_bench", help="result file stem")
     ap.add_argument("--measure", nargs=5, metavar=("RUN", "OPTION", "USERS", "TEXT_USERS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
@@ -118,7 +119,7 @@ def main() -> None:
             options.append(o)
         except QuantizationError as e:
             print(f"skipping {o}: {e}")
-    tmp = ROOT / "benchmarks/results/.quant_bench.jsonl"
+    tmp = ROOT / f"benchmarks/results/.{args.name}.jsonl"
     tmp.unlink(missing_ok=True)
     runs = [r for r in args.runs if (r / "config.json").exists()]
     for run in runs:
@@ -161,7 +162,8 @@ def main() -> None:
           "", markdown_table(header, rows), "",
           "Targets: int8 <= 30 % of fp32 weight bytes with <= 1 % relative NDCG@10 loss; 4-bit <= 18 % with <= 3 %; "
           "neither slower than fp32 at batch 1."]
-    path = write("quant_bench", "\n".join(md), {"machine": m, "settings": {"users": args.users, "text_users": args.text_users},
+    path = write(args.name, "\n".join(md), {"machine": m, "settings": {"users": args.users, "text_users": args.text_users,
+                                                                        "options": options, "no_quality": args.no_quality},
                                                 "results": results})
     plot(results, runs, path.with_suffix(".png"))
     print("\n".join(md))
