@@ -156,6 +156,8 @@ def test_native_decode_attention_equals_sdpa_over_gathered_blocks():
     torch.testing.assert_close(op(q, kc, vc, tables, lengths, 0.3), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="length outside its block table"):
         op(q, kc, vc, tables, lengths + 100, 0.3)
+    with pytest.raises(RuntimeError, match="block outside the cache"):
+        op(q, kc, vc, tables + nb, lengths, 0.3)
 
 
 def test_fast_decoder_shares_the_weights(setup):

@@ -24,9 +24,12 @@ torch::Tensor gemv_4bit(torch::Tensor x, torch::Tensor packed, torch::Tensor abs
   const int64_t m = x.size(0), k = x.size(1);
   TORCH_CHECK(k % block == 0 && block % 16 == 0, "gemv_4bit: k must be a multiple of the block, the block of 16");
   TORCH_CHECK(packed.numel() * 2 == n * k && absmax.numel() == n * k / block, "gemv_4bit: sizes do not match");
-  const uint8_t* qp = packed.contiguous().data_ptr<uint8_t>();
-  const float* ap = absmax.contiguous().data_ptr<float>();
-  const float* cp = code.contiguous().data_ptr<float>();
+  packed = packed.contiguous();  // kept alive here: the pointers below read these tensors
+  absmax = absmax.contiguous();
+  code = code.contiguous();
+  const uint8_t* qp = packed.data_ptr<uint8_t>();
+  const float* ap = absmax.data_ptr<float>();
+  const float* cp = code.data_ptr<float>();
   // x split into the weights it meets in the high nibbles (even columns) and the low ones (odd)
   auto xe = torch::empty({m, k / 2}, x.options()), xo = torch::empty({m, k / 2}, x.options());
   const float* xp = x.data_ptr<float>();

@@ -40,8 +40,11 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   const int64_t row = kvh * d;  // floats per cache slot
   const float sc = static_cast<float>(scale);
   int64_t longest = 0;
+  const int64_t num_blocks = k_cache.size(0);
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(lens[i] >= 1 && lens[i] <= max_blocks * bs, "paged_decode: a length outside its block table");
+    for (int64_t b = 0; b < (lens[i] + bs - 1) / bs; ++b)
+      TORCH_CHECK(bt[i * max_blocks + b] >= 0 && bt[i * max_blocks + b] < num_blocks, "paged_decode: a block outside the cache");
     longest = std::max(longest, lens[i]);
   }
 
