@@ -102,7 +102,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--domain", required=True, help="a prepared domain folder")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--variants", nargs="+", default=["early-atomic"], choices=sorted(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=["early-atomic"], choices=sorted(VARIANTS),
+                    help="recfm variants to train; none (a bare --variants) runs only SASRec")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--pretrain-steps", type=int, default=600)
     ap.add_argument("--tune-steps", type=int, default=300)
@@ -173,15 +174,15 @@ def main():
     machine = machine_info()
     raw["machine"] = machine
     header = ["ranker", "seed", *METRICS, "train (s)"]
-    n_eval = next((v["users"] for k, v in raw.items() if k.startswith("recfm/")), "?")
+    n_eval = next((v["users"] for k, v in raw.items() if k.startswith("recfm/")), len(domain.sequences))
     lines = [f"# Next-item prediction on {domain.name}", "",
              (f"Leave-one-out test, full ranking over {len(domain.item_ids)} items, history masked, "
               f"{len(domain.sequences)} users." if args.split == "leave_one_out" else
               f"Cold items: {args.cold_fraction:.0%} of the items (seeded draw, cold_seed 0) never in training; each user "
               f"who later consumed one is asked for the first of them from the warm items before it, full ranking over "
               f"all {len(domain.item_ids)} items, history masked; {n_eval} users.")
-             + f" recfm: `{args.preset}` preset, {args.pretrain_steps} pretraining + "
-             f"{args.tune_steps} tuning steps of batch 8, history {args.max_history} items. "
+             + (f" recfm: `{args.preset}` preset, {args.pretrain_steps} pretraining + "
+                f"{args.tune_steps} tuning steps of batch 8, history {args.max_history} items. " if args.variants else " recfm not run. ")
              + ("SASRec not run." if args.no_sasrec or args.split != "leave_one_out" else
                 f"SASRec: RecBole 1.2.1 defaults except CE loss, 2 layers, hidden 64, "
                 f"{'/'.join(str(e) for e in sorted({v.get('epochs', args.sasrec_epochs) for k, v in raw.items() if k.startswith('sasrec/')}) or [args.sasrec_epochs])} epochs max with "
