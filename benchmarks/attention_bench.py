@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=DEFAULT_RUN)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--dtypes", default="float32", help="comma-separated: float32, bfloat16 (weights and KV cache)")
     ap.add_argument("--name", default="attention_bench")
     args = ap.parse_args()
 
@@ -62,34 +63,42 @@ def main() -> None:
 
     if native.paged_decode() is None:
         raise SystemExit(f"the native kernel could not be built: {native.error()}")
-    model = RecFMForCausalLM.from_pretrained(args.run, dtype=torch.float32).eval()
+    dtypes = args.dtypes.split(",")
+    models = {dt: RecFMForCausalLM.from_pretrained(args.run, dtype=getattr(torch, dt)).eval() for dt in dtypes}
     tok = load_text_tokenizer(args.run)
     vocab = (32, tok.vocab_size)  # plain BPE tokens, as serve_bench
     workloads = {"random": random_workload(vocab, args.requests, 128, 128, 0), "mixed": mixed_workload(vocab, args.requests, 0)}
+    configs = [(dt, nat) for dt in dtypes for nat in (False, True)]
+    label = {c: f"{'fp32' if c[0] == 'float32' else 'bf16'} {'native' if c[1] else 'gather+SDPA'}" for c in configs}
     rows, data = [], []
     for wname, work in workloads.items():
         for max_seqs in (16, 64):
-            speeds = {True: [], False: []}
+            speeds: dict = {c: [] for c in configs}
             answers = {}
             for rep in range(args.repeats):
-                for nat in ((True, False) if rep % 2 == 0 else (False, True)):
-                    tps, ans = run_once(model, tok, work, max_seqs, nat)
-                    speeds[nat].append(tps)
-                    answers[nat] = ans
-                    print(f"{wname} max_num_seqs={max_seqs} {'native' if nat else 'gather+SDPA'}: {tps:.0f} tok/s", flush=True)
-            same = sum(a == b for a, b in zip(answers[True], answers[False])) / len(work)
-            med = {k: statistics.median(v) for k, v in speeds.items()}
-            rows.append([wname, max_seqs, med[False], med[True], med[True] / med[False], same])
-            data.append({"workload": wname, "max_num_seqs": max_seqs, "gather_sdpa": speeds[False], "native": speeds[True],
-                         "identical_greedy": same})
-    header = ["workload", "max_num_seqs", "gather+SDPA tok/s", "native tok/s", "native / gather", "greedy identical"]
+                for c in (configs if rep % 2 == 0 else configs[::-1]):  # alternate the order so drift hits all alike
+                    tps, ans = run_once(models[c[0]], tok, work, max_seqs, c[1])
+                    speeds[c].append(tps)
+                    answers[c] = ans
+                    print(f"{wname} max_num_seqs={max_seqs} {label[c]}: {tps:.0f} tok/s", flush=True)
+            med = {c: statistics.median(v) for c, v in speeds.items()}
+            base = med[configs[0]]
+            same = {dt: sum(a == b for a, b in zip(answers[(dt, True)], answers[(dt, False)])) / len(work) for dt in dtypes}
+            rows.append([wname, max_seqs, *[med[c] for c in configs], *[med[c] / base for c in configs[1:]],
+                         *[same[dt] for dt in dtypes]])
+            data.append({"workload": wname, "max_num_seqs": max_seqs, "tok_s": {label[c]: speeds[c] for c in configs},
+                         "identical_greedy_native_vs_gather": same})
+    header = ["workload", "max_num_seqs", *[f"{label[c]} tok/s" for c in configs],
+              *[f"{label[c]} / {label[configs[0]]}" for c in configs[1:]],
+              *[f"greedy identical ({'fp32' if dt == 'float32' else 'bf16'}, native vs gather)" for dt in dtypes]]
     table = markdown_table(header, rows)
     info = machine()
     md = (f"# Decode attention: native kernel vs gather + SDPA ({args.run.name}, {time.strftime('%Y-%m-%d')})\n\n"
           f"Machine: {info['cpu']}, {info['cpu_count']} cores, torch {info['torch']} ({info['torch_cpu_capability']}), "
-          f"{info['torch_threads']} threads. The engine in process, fp32, {args.requests} requests added at once; random: "
-          f"128 prompt / 128 output tokens; mixed: 32-256 / 32-256. Output tokens/s over the whole run (prefill included), "
-          f"median of {args.repeats}, the two paths alternating.\n\n{table}\n")
+          f"{info['torch_threads']} threads. The engine in process, weights and KV cache in {', '.join(dtypes)}, "
+          f"{args.requests} requests added at once; random: 128 prompt / 128 output tokens; mixed: 32-256 / 32-256. "
+          f"Output tokens/s over the whole run (prefill included), median of {args.repeats}, the configurations "
+          f"alternating.\n\n{table}\n")
     print(md)
     write(args.name, md, {"machine": info, "settings": vars(args) | {"run": str(args.run)}, "rows": data})
 

@@ -270,6 +270,8 @@ def main() -> None:
     ap.add_argument("--rec-requests", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="each number is the median run of this many")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weights and KV cache for recfm serve and the generate baselines alike")
     ap.add_argument("--server-args", default="", help="extra arguments for recfm serve")
     ap.add_argument("--name", default="serve_bench")
     ap.add_argument("--quantizations", default="none", help="recfm serve runs, comma-separated --quantization values")
@@ -321,7 +323,7 @@ def main() -> None:
         print(f"--- repeat {rep + 1}/{args.repeats}", flush=True)
         for q in args.quantizations.split(","):
             label = "recfm serve" + ("" if q == "none" else f" {q}")
-            server = ServerProcess(args.run, [*args.server_args.split(), "--quantization", q])
+            server = ServerProcess(args.run, [*args.server_args.split(), "--dtype", args.dtype, "--quantization", q])
             startups.append(server.startup_s)
             print(f"{label} started in {server.startup_s:.1f} s", flush=True)
             try:
@@ -358,7 +360,7 @@ def main() -> None:
             finally:
                 peer.stop()
         # transformers generate on the same weights, in this process (the server has stopped)
-        model = RecFMForCausalLM.from_pretrained(args.run, dtype=torch.float32).eval()
+        model = RecFMForCausalLM.from_pretrained(args.run, dtype=getattr(torch, args.dtype)).eval()
         with torch.no_grad():
             model.generate(input_ids=torch.tensor([rand[0]["prompt"][:8]]), max_new_tokens=2, pad_token_id=0)  # warm-up
             record("generate one-at-a-time|random|1", hf_one_at_a_time(model, rand[: args.hf_requests]))
@@ -392,7 +394,8 @@ def main() -> None:
               "TPOT mean ms", "latency median s"]
     md = [f"# Serving speed ({args.run.name}, {time.strftime('%Y-%m-%d')})", "",
           f"Machine: {data['machine']['cpu']}, {data['machine']['cpu_count']} cores, torch {data['machine']['torch']} "
-          f"({data['machine']['torch_cpu_capability']}), {data['machine']['torch_threads']} threads. fp32 weights and KV cache.",
+          f"({data['machine']['torch_cpu_capability']}), {data['machine']['torch_threads']} threads. {'fp32' if args.dtype == 'float32' else 'bf16'} weights and KV cache "
+          "(recfm serve and generate alike).",
           f"Random workload: {args.requests} requests, {args.input_len} prompt tokens, {args.output_len} output tokens "
           f"(ignore_eos); mixed: prompts 32-256, outputs 32-256 tokens. One-at-a-time generate ran the first "
           f"{args.hf_requests} requests. Each row is the median of {args.repeats} runs (server and baselines alternate). "

@@ -160,6 +160,32 @@ def test_native_decode_attention_equals_sdpa_over_gathered_blocks():
         op(q, kc, vc, tables + nb, lengths, 0.3)
 
 
+def test_native_decode_attention_in_bf16():
+    """A bf16 cache and queries (the engine's dtype on bf16 machines): the kernel accumulates in fp32,
+    so it matches fp32 SDPA over the same bf16 values up to the final rounding to bf16."""
+    from recfm.serving import attention, native
+
+    op = native.paged_decode()
+    if op is None:
+        pytest.skip(f"the native kernel could not be built here: {native.error()}")
+    g = torch.Generator().manual_seed(1)
+    nb, bs, kvh, d, heads = 32, 4, 2, 16, 4
+    kc, vc = (torch.randn(nb, bs, kvh, d, generator=g).bfloat16() for _ in range(2))
+    lengths = torch.tensor([1, 7, 16, 25])
+    width = int(-(-lengths.max() // bs))
+    tables = torch.randperm(nb, generator=g)[: len(lengths) * width].view(len(lengths), width)
+    q = torch.randn(len(lengths), heads, d, generator=g).bfloat16()
+    mask = (torch.arange(width * bs)[None] < lengths[:, None])[:, None, None, :]
+    kd, vd = (attention.gather(c, tables).transpose(1, 2).float() for c in (kc, vc))
+    want = torch.nn.functional.scaled_dot_product_attention(q.float().unsqueeze(2), kd, vd, attn_mask=mask, scale=0.25,
+                                                            enable_gqa=True).squeeze(2)
+    got = op(q, kc, vc, tables, lengths, 0.25)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.bfloat16().float(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(RuntimeError, match="all be fp32 or all bf16"):
+        op(q.float(), kc, vc, tables, lengths, 0.25)
+
+
 def test_fast_decoder_shares_the_weights(setup):
     """q/k/v and gate/up are fused into one matrix each, and the modules' weights are views into it:
     no second copy, and what transformers' forward reads is what the fast pass reads."""

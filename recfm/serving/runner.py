@@ -46,8 +46,8 @@ class ModelRunner:
         self.cache = KVCache(spec["num_layers"], num_blocks, block_size, spec["kv_heads"], spec["head_dim"],
                              spec["dtype"], spec["device"])
         self.block_size = block_size
-        self.native = None  # decode attention in place from the cache (fp32 CPU cache only)
-        if native_attention and self.dtype == torch.float32 and torch.device(self.device).type == "cpu":
+        self.native = None  # decode attention in place from the cache (fp32 or bf16 CPU cache)
+        if native_attention and self.dtype in (torch.float32, torch.bfloat16) and torch.device(self.device).type == "cpu":
             from . import native
 
             self.native = native.paged_decode()
