@@ -135,6 +135,11 @@ class Linear4bit(nn.Module):
         from . import native
 
         self.kernel = native.gemv_4bit() if self.in_features % self.block == 0 and self.block % 16 == 0 else None
+        # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place on its first forward into a layout of
+        # its own: that would change the bytes the kernel above reads, and it fails outright on matrices whose
+        # input width is not a multiple of the block size. Keep bitsandbytes' plain layout in either case.
+        if self.kernel is not None or self.in_features % self.block or self.out_features % 32:
+            bnb_linear.support_avx512bf16_for_cpu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
