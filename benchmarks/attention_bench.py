@@ -69,7 +69,8 @@ def main() -> None:
     vocab = (32, tok.vocab_size)  # plain BPE tokens, as serve_bench
     workloads = {"random": random_workload(vocab, args.requests, 128, 128, 0), "mixed": mixed_workload(vocab, args.requests, 0)}
     configs = [(dt, nat) for dt in dtypes for nat in (False, True)]
-    label = {c: f"{'fp32' if c[0] == 'float32' else 'bf16'} {'native' if c[1] else 'gather+SDPA'}" for c in configs}
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    label = {c: f"{short[c[0]]} {'native' if c[1] else 'gather+SDPA'}" for c in configs}
     rows, data = [], []
     for wname, work in workloads.items():
         for max_seqs in (16, 64):
@@ -90,7 +91,7 @@ def main() -> None:
                          "identical_greedy_native_vs_gather": same})
     header = ["workload", "max_num_seqs", *[f"{label[c]} tok/s" for c in configs],
               *[f"{label[c]} / {label[configs[0]]}" for c in configs[1:]],
-              *[f"greedy identical ({'fp32' if dt == 'float32' else 'bf16'}, native vs gather)" for dt in dtypes]]
+              *[f"greedy identical ({short[dt]}, native vs gather)" for dt in dtypes]]
     table = markdown_table(header, rows)
     info = machine()
     md = (f"# Decode attention: native kernel vs gather + SDPA ({args.run.name}, {time.strftime('%Y-%m-%d')})\n\n"

@@ -129,25 +129,41 @@ def test_greedy_equals_generate_with_either_decode_attention(setup):
     assert outputs(eng, setup.prompts) == setup.expected
 
 
-def test_native_decode_attention_equals_sdpa_over_gathered_blocks():
-    from recfm.serving import attention, native
+def _paged_case(seed: int, nb: int, heads: int, lengths: list[int], scale: float, dtype=torch.float32):
+    """A paged cache (blocks of 4, 2 kv heads of 16), disjoint random block tables, queries, and the
+    reference: fp32 SDPA over the gathered blocks of the same (dtype-rounded) values."""
+    from recfm.serving import attention
+
+    g = torch.Generator().manual_seed(seed)
+    bs, kvh, d = 4, 2, 16
+    kc, vc = (torch.randn(nb, bs, kvh, d, generator=g).to(dtype) for _ in range(2))
+    lengths = torch.tensor(lengths)
+    width = int(-(-lengths.max() // bs))
+    tables = torch.randperm(nb, generator=g)[: len(lengths) * width].view(len(lengths), width)
+    q = torch.randn(len(lengths), heads, d, generator=g).to(dtype)
+    mask = (torch.arange(width * bs)[None] < lengths[:, None])[:, None, None, :]
+    kd, vd = (attention.gather(c, tables).transpose(1, 2).float() for c in (kc, vc))
+    want = torch.nn.functional.scaled_dot_product_attention(q.float().unsqueeze(2), kd, vd, attn_mask=mask, scale=scale,
+                                                            enable_gqa=True).squeeze(2)
+    return q, kc, vc, tables, lengths, want
+
+
+def _paged_decode_or_skip():
+    from recfm.serving import native
 
     op = native.paged_decode()
     if op is None:
         pytest.skip(f"the native kernel could not be built here: {native.error()}")
-    g = torch.Generator().manual_seed(0)
-    nb, bs, kvh, d, heads = 64, 4, 2, 16, 6  # grouped-query: 3 query heads per kv head
-    kc, vc = torch.randn(nb, bs, kvh, d, generator=g), torch.randn(nb, bs, kvh, d, generator=g)
-    lengths = torch.tensor([1, 4, 5, 17, 30, 9])  # one token, a full block, one into the next, ...
-    width = int(-(-lengths.max() // bs))
-    tables = torch.randperm(nb, generator=g)[: len(lengths) * width].view(len(lengths), width)  # disjoint blocks
-    q = torch.randn(len(lengths), heads, d, generator=g)
-    mask = (torch.arange(width * bs)[None] < lengths[:, None])[:, None, None, :]
-    kd, vd = (attention.gather(c, tables).transpose(1, 2) for c in (kc, vc))
-    want = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=mask, scale=0.3,
-                                                            enable_gqa=True).squeeze(2)
+    return op
+
+
+def test_native_decode_attention_equals_sdpa_over_gathered_blocks():
+    op = _paged_decode_or_skip()
+    # grouped-query (3 query heads per kv head); one token, a full block, one into the next, ...
+    q, kc, vc, tables, lengths, want = _paged_case(0, nb=64, heads=6, lengths=[1, 4, 5, 17, 30, 9], scale=0.3)
     torch.testing.assert_close(op(q, kc, vc, tables, lengths, 0.3), want, rtol=1e-5, atol=1e-5)
     # each sequence reads its own slots up to its length and nothing else: NaN everywhere else changes nothing
+    nb, bs, kvh, d = kc.shape
     used = torch.zeros(nb * bs, dtype=torch.bool)
     for row, n in zip(tables, lengths.tolist()):
         used[[int(row[t // bs]) * bs + t % bs for t in range(n)]] = True
@@ -163,22 +179,9 @@ def test_native_decode_attention_equals_sdpa_over_gathered_blocks():
 def test_native_decode_attention_in_bf16():
     """A bf16 cache and queries (the engine's dtype on bf16 machines): the kernel accumulates in fp32,
     so it matches fp32 SDPA over the same bf16 values up to the final rounding to bf16."""
-    from recfm.serving import attention, native
-
-    op = native.paged_decode()
-    if op is None:
-        pytest.skip(f"the native kernel could not be built here: {native.error()}")
-    g = torch.Generator().manual_seed(1)
-    nb, bs, kvh, d, heads = 32, 4, 2, 16, 4
-    kc, vc = (torch.randn(nb, bs, kvh, d, generator=g).bfloat16() for _ in range(2))
-    lengths = torch.tensor([1, 7, 16, 25])
-    width = int(-(-lengths.max() // bs))
-    tables = torch.randperm(nb, generator=g)[: len(lengths) * width].view(len(lengths), width)
-    q = torch.randn(len(lengths), heads, d, generator=g).bfloat16()
-    mask = (torch.arange(width * bs)[None] < lengths[:, None])[:, None, None, :]
-    kd, vd = (attention.gather(c, tables).transpose(1, 2).float() for c in (kc, vc))
-    want = torch.nn.functional.scaled_dot_product_attention(q.float().unsqueeze(2), kd, vd, attn_mask=mask, scale=0.25,
-                                                            enable_gqa=True).squeeze(2)
+    op = _paged_decode_or_skip()
+    q, kc, vc, tables, lengths, want = _paged_case(1, nb=32, heads=4, lengths=[1, 7, 16, 25], scale=0.25,
+                                                   dtype=torch.bfloat16)
     got = op(q, kc, vc, tables, lengths, 0.25)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.bfloat16().float(), rtol=1e-2, atol=1e-2)
