@@ -315,6 +315,32 @@ def test_seeded_sampling_does_not_depend_on_the_batch(atomic):
     assert alone != other_seed
 
 
+def test_batched_draws_follow_temperature_top_k_and_top_p():
+    """The exponential race over a batch picks each token with its probability after temperature,
+    top-k and top-p; rows with different settings in one batch each get their own."""
+    from recfm.serving.sampler import sample
+    from recfm.serving.sequence import Request, Sequence
+
+    def seqs(n, **kw):
+        return [Sequence(i, Request(f"r{i}", Prompt([1]), SamplingParams(**kw)), 0, [1], 1) for i in range(n)]
+
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    n = 20000
+
+    def freq(**kw):
+        picks = [s.token for s in sample(logits.repeat(n, 1), seqs(n, **kw))]
+        return np.bincount(picks, minlength=4) / n
+
+    assert np.allclose(freq(temperature=1.0), [0.5, 0.3, 0.15, 0.05], atol=0.015)
+    hot = torch.softmax(logits / 2.0, -1).numpy()
+    assert np.allclose(freq(temperature=2.0), hot, atol=0.015)
+    assert np.allclose(freq(temperature=1.0, top_k=2), [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.015)
+    assert np.allclose(freq(temperature=1.0, top_p=0.7), [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.015)  # 0.5 < 0.7, 0.8 >= 0.7
+    mixed = seqs(3, temperature=1.0, top_k=1) + seqs(1, temperature=0) + seqs(1, temperature=1.0, top_p=0.01)
+    assert [s.token for s in sample(logits.repeat(5, 1), mixed)] == [0, 0, 0, 0, 0]
+
+
 def test_n_answers_share_the_prompt(atomic):
     p = atomic.prompts[1]
     eng = atomic.engine()
@@ -344,6 +370,30 @@ def test_stops_and_lengths(atomic):
                 got += out.outputs[0].text
                 reason = out.outputs[0].finish_reason or reason
         assert got == text[: text.find(needle)] and reason == "stop"
+
+
+def test_incremental_detokenization_matches_a_whole_decode(atomic):
+    """Text streamed token by token (DecodeStream, and the window fallback) equals decoding all the
+    tokens at once; a character split over tokens is never emitted half; a character cut off at the
+    end is flushed."""
+    from recfm.serving.sequence import Request, Sequence
+
+    eng = atomic.engine()
+    tok = atomic.tok.text
+    text = "naïve café: 世界 🎉 done"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tok.decode([t]) for t in ids), "the text must have characters split over tokens"
+    for rust in (eng._rust_tokenizer, None):
+        eng._rust_tokenizer = rust
+        for cut in (len(ids), len(ids) - 3):  # whole, and stopped inside the emoji's bytes
+            seq = Sequence(0, Request("r", Prompt([1]), SamplingParams(max_tokens=4)), 0, [], 0)
+            pieces = []
+            for t in ids[:cut]:
+                seq.visible.append(t)
+                pieces.append(eng._detokenize_step(seq))
+            pieces.append(eng._detokenize_step(seq, final=True))
+            assert not any("\ufffd" in p for p in pieces[:-1])
+            assert "".join(pieces) == tok.decode(ids[:cut], skip_special_tokens=False)
 
 
 def test_item_constraint_gives_real_items(atomic):

@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+try:  # tokenizers >= 0.21
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # pragma: no cover
+    DecodeStream = None
+
 from ..foundation.modeling import token_image_index
 from .kv_cache import BlockManager, KVCache, kv_spec
 from .runner import ModelRunner
@@ -92,6 +97,7 @@ class Engine:
         # special tokens that stand for nothing in text; item and image-code tokens stay visible
         self._hidden_ids = set(tokenizer.all_special_ids) - set(tokenizer.convert_tokens_to_ids(
             [t for t in tokenizer.all_special_tokens if t.startswith("<item_") or t.startswith("<img_")]))
+        self._rust_tokenizer = getattr(tokenizer, "backend_tokenizer", None) if DecodeStream is not None else None
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -279,10 +285,22 @@ class Engine:
         return self.tokenizer.decode([t for t in ids if t not in self._hidden_ids], skip_special_tokens=False)
 
     def _detokenize_step(self, seq: Sequence, final: bool = False) -> str:
-        """The text the newest tokens add, decoding only a short window (prefix_offset..): a whole-output
-        decode per token would cost O(length) each time. A character split over tokens is held back
-        until complete (or until the end)."""
+        """The text the newest visible token adds. Through tokenizers' `DecodeStream` (incremental
+        decoding in Rust, one call per token) when the tokenizer has a Rust backend; otherwise by
+        decoding a short window (prefix_offset..) twice, as a whole-output decode per token would cost
+        O(length) each time. A character split over tokens is held back until complete; `final`
+        flushes what is still held back (as replacement characters if it never completed)."""
         ids = seq.visible
+        if self._rust_tokenizer is not None and not final:
+            if seq.decode_stream is None:
+                seq.decode_stream = DecodeStream(skip_special_tokens=False)
+            piece = seq.decode_stream.step(self._rust_tokenizer, ids[-1])
+            if piece is None:
+                return ""
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            return piece
+        if final and seq.read_offset >= len(ids):
+            return ""
         before = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=False)
         now = self.tokenizer.decode(ids[seq.prefix_offset :], skip_special_tokens=False)
         if len(now) > len(before) and (final or not now.endswith("\ufffd")):

@@ -112,7 +112,8 @@ class Sequence:
     text: str = ""  # detokenized output so far (stop strings cut)
     visible: list[int] = field(default_factory=list)  # output tokens that show in text
     prefix_offset: int = 0  # incremental detokenization window (see Engine._detokenize_step)
-    read_offset: int = 0
+    read_offset: int = 0  # visible tokens whose text is in `text`
+    decode_stream: object = None  # tokenizers' DecodeStream over `visible`, made on the first visible token
     sent: int = 0  # characters of `text` already handed out
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
