@@ -189,6 +189,39 @@ def test_native_decode_attention_in_bf16():
         op(q.float(), kc, vc, tables, lengths, 0.25)
 
 
+def test_norm_and_rotary_kernels_equal_transformers_arithmetic():
+    """The bf16 RMSNorm (with and without the residual add) and rotary kernels give transformers'
+    Llama modules' values bit for bit here, rotate q and k in place through views of a fused
+    product, and refuse what they do not handle."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
+
+    from recfm.serving import native
+
+    k_ = native.norm_rope()
+    if k_ is None:
+        pytest.skip(f"the native kernel could not be built here: {native.error('norm_rope')}")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 96, generator=g).bfloat16()
+    delta = torch.randn(37, 96, generator=g).bfloat16()
+    norm = LlamaRMSNorm(96, eps=1e-5).bfloat16()
+    norm.weight.data = (torch.rand(96, generator=g) + 0.5).bfloat16()
+    assert torch.equal(k_.rms_norm(x, norm.weight, 1e-5), norm(x))
+    y = x.clone()
+    assert torch.equal(k_.add_rms_norm_(y, delta, norm.weight, 1e-5), norm(x + delta))
+    assert torch.equal(y, x + delta)  # the residual stream is updated in place
+    qkv = torch.randn(37, (4 + 2 + 2) * 16, generator=g).bfloat16()
+    q, k, _ = qkv.split([64, 32, 32], dim=-1)
+    q, k = q.view(37, 4, 16), k.view(37, 2, 16)
+    cos, sin = torch.randn(37, 16, generator=g).bfloat16(), torch.randn(37, 16, generator=g).bfloat16()
+    want_q = q * cos[:, None] + rotate_half(q) * sin[:, None]
+    want_k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    k_.rope_(q, k, cos, sin)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    assert torch.equal(qkv[:, :64].reshape(37, 4, 16), want_q)  # in place, through the views
+    with pytest.raises(RuntimeError, match="must be bfloat16"):
+        k_.rms_norm(x.float(), norm.weight, 1e-5)
+
+
 def test_fast_decoder_shares_the_weights(setup):
     """q/k/v and gate/up are fused into one matrix each, and the modules' weights are views into it:
     no second copy, and what transformers' forward reads is what the fast pass reads."""
@@ -493,5 +526,9 @@ def test_bf16_weights_and_cache(small_default, tiny_tokenizers, rows):
     want = [s.reference(e, n_new=6) for e in s.encoded]
     eng = s.engine()
     assert eng.runner.cache.k[0].dtype == torch.bfloat16
+    from recfm.serving import native
+
+    if native.norm_rope() is not None:
+        assert eng.runner.fast.fused is not None  # the decoder pass runs through the norm/rotary kernels
     got = outputs(eng, s.prompts, SamplingParams(max_tokens=6, temperature=0))
     assert got == want

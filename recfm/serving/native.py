@@ -5,7 +5,9 @@
 - `paged_decode()`: decode attention read in place from the paged KV cache (csrc/paged_decode.cpp),
   no gathered copy of each sequence's keys and values per layer;
 - `gemv_4bit()`: a few rows times a bitsandbytes nf4/fp4 matrix read from its packed bytes
-  (csrc/gemv_4bit.cpp), for 4-bit decoding at small batches.
+  (csrc/gemv_4bit.cpp), for 4-bit decoding at small batches;
+- `norm_rope()`: RMSNorm (after a residual add) and the rotary embedding in one pass each, bf16
+  (csrc/norm_rope.cpp), for the decoder pass's elementwise work.
 
 Each is None when it cannot be built (no compiler, a failed build) or RECFM_NATIVE=0 is set, and
 `error(name)` says why; callers then take their plain PyTorch path, with the same answers up to float
@@ -84,6 +86,11 @@ def paged_decode():
 def gemv_4bit():
     """(x (m, k), packed uint8, absmax fp32, code (16,), n, block) -> (m, n), or None."""
     return _kernel("gemv_4bit", "gemv_4bit")
+
+
+def norm_rope():
+    """The norm_rope module (rms_norm, add_rms_norm_, rope_), or None."""
+    return _built.get("norm_rope") if _kernel("norm_rope", "rope_") is not None else None
 
 
 def error(stem: str = "paged_decode") -> str | None:

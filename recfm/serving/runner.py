@@ -40,9 +40,15 @@ class ModelRunner:
         self.cfg = model.config
         self.lm = model.model.language_model
         self.lm.config._attn_implementation = attention.register()
-        self.fast = FastDecoder(self.lm, model.model.cross_attn, model.lm_head) if fast and unsupported(self.lm) is None else None
         spec = kv_spec(model)
         self.device, self.dtype = spec["device"], spec["dtype"]
+        fused = None
+        if native_attention and self.dtype == torch.bfloat16 and torch.device(self.device).type == "cpu":
+            from . import native
+
+            fused = native.norm_rope()
+        self.fast = FastDecoder(self.lm, model.model.cross_attn, model.lm_head, fused) \
+            if fast and unsupported(self.lm) is None else None
         self.cache = KVCache(spec["num_layers"], num_blocks, block_size, spec["kv_heads"], spec["head_dim"],
                              spec["dtype"], spec["device"])
         self.block_size = block_size
