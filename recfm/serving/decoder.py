@@ -114,6 +114,9 @@ class FastDecoder:
         rope = sys.modules[type(lm.layers[0].self_attn).__module__]
         self.rotate_half = rope.rotate_half
         self.layers = []
+        # the norm/rotary kernels take bf16 in and out: only when every projection is a plain linear layer
+        plain = all(_plain(L.self_attn.q_proj, L.self_attn.k_proj, L.self_attn.v_proj, L.self_attn.o_proj, L.mlp.gate_proj,
+                           L.mlp.up_proj, L.mlp.down_proj) for L in lm.layers[: cfg.num_hidden_layers])
         for i, layer in enumerate(lm.layers[: cfg.num_hidden_layers]):
             a, m = layer.self_attn, layer.mlp
             head_dim = a.head_dim
@@ -122,7 +125,7 @@ class FastDecoder:
                 layer.post_attention_layernorm, _projection((m.gate_proj, m.up_proj)), m.down_proj,
                 cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, a.scaling))
         self.norm = lm.norm
-        self.fused = fused if fused is not None and self._fusable() else None
+        self.fused = fused if fused is not None and plain and self._fusable() else None
         self.head = head
         if head is not None and _plain(head) and head.out_features > self.HEAD_SLICE:
             weights = head.weight.detach().split(self.HEAD_SLICE)  # views: no copy
@@ -130,7 +133,8 @@ class FastDecoder:
             self.head = lambda h: torch.cat([F.linear(h, w, b) for w, b in zip(weights, biases)], dim=-1)
 
     def _fusable(self) -> bool:
-        """The kernels' case: bf16 on the CPU, norms with a weight and transformers' variance_epsilon."""
+        """The kernels' case: bf16 on the CPU, norms with a weight and transformers' variance_epsilon
+        (and, checked by the caller, no quantized projections)."""
         norms = [self.norm] + [n for L in self.layers for n in (L.norm1, L.norm2)]
         return all(getattr(n, "weight", None) is not None and n.weight.dtype == torch.bfloat16 and n.weight.device.type == "cpu"
                    and isinstance(getattr(n, "variance_epsilon", None), float) for n in norms)
