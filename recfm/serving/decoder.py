@@ -114,9 +114,6 @@ class FastDecoder:
         rope = sys.modules[type(lm.layers[0].self_attn).__module__]
         self.rotate_half = rope.rotate_half
         self.layers = []
-        # the norm/rotary kernels take bf16 in and out: only when every projection is a plain linear layer
-        plain = all(_plain(L.self_attn.q_proj, L.self_attn.k_proj, L.self_attn.v_proj, L.self_attn.o_proj, L.mlp.gate_proj,
-                           L.mlp.up_proj, L.mlp.down_proj) for L in lm.layers[: cfg.num_hidden_layers])
         for i, layer in enumerate(lm.layers[: cfg.num_hidden_layers]):
             a, m = layer.self_attn, layer.mlp
             head_dim = a.head_dim
@@ -125,7 +122,7 @@ class FastDecoder:
                 layer.post_attention_layernorm, _projection((m.gate_proj, m.up_proj)), m.down_proj,
                 cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, a.scaling))
         self.norm = lm.norm
-        self.fused = fused if fused is not None and plain and self._fusable() else None
+        self.fused = fused if fused is not None and self._fusable() else None
         self.head = head
         if head is not None and _plain(head) and head.out_features > self.HEAD_SLICE:
             weights = head.weight.detach().split(self.HEAD_SLICE)  # views: no copy
@@ -133,11 +130,14 @@ class FastDecoder:
             self.head = lambda h: torch.cat([F.linear(h, w, b) for w, b in zip(weights, biases)], dim=-1)
 
     def _fusable(self) -> bool:
-        """The kernels' case: bf16 on the CPU, norms with a weight and transformers' variance_epsilon
-        (and, checked by the caller, no quantized projections)."""
-        norms = [self.norm] + [n for L in self.layers for n in (L.norm1, L.norm2)]
-        return all(getattr(n, "weight", None) is not None and n.weight.dtype == torch.bfloat16 and n.weight.device.type == "cpu"
-                   and isinstance(getattr(n, "variance_epsilon", None), float) for n in norms)
+        """The kernels' case: bf16 on the CPU, norms with a weight and transformers' variance_epsilon, and
+        every projection a plain linear layer (quantized modules may hand back another dtype)."""
+        norms = [self.norm] + [n for L in self.lm.layers[: len(self.layers)] for n in (L.input_layernorm, L.post_attention_layernorm)]
+        plain = all(_plain(L.self_attn.q_proj, L.self_attn.k_proj, L.self_attn.v_proj, L.self_attn.o_proj, L.mlp.gate_proj,
+                           L.mlp.up_proj, L.mlp.down_proj) for L in self.lm.layers[: len(self.layers)])
+        return plain and all(getattr(n, "weight", None) is not None and n.weight.dtype == torch.bfloat16
+                             and n.weight.device.type == "cpu" and isinstance(getattr(n, "variance_epsilon", None), float)
+                             for n in norms)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -146,52 +146,44 @@ class FastDecoder:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, meta: attention.PagedMetadata,
                  xattn: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x: (N, d) input vectors of one flattened batch, positions (N,); returns (N, d) final hidden states."""
-        if self.fused is not None and x.dtype == torch.bfloat16:
-            return self._fused_pass(x, positions, meta, xattn)
+        """x: (N, d) input vectors of one flattened batch, positions (N,); returns (N, d) final hidden states.
+        Each layer's last residual add is left `pending` and done with the next norm (by the kernel, in
+        place on x, when the kernels run)."""
+        fused = self.fused if x.dtype == torch.bfloat16 else None
         n = x.shape[0]
         cos, sin = self.lm.rotary_emb(x[None], positions[None])
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # (N, 1, head_dim): broadcast over heads
-        rot = self.rotate_half
-        for L in self.layers:
-            if self.cross_attn is not None and xattn is not None and str(L.index) in self.cross_attn:
-                x = self.cross_attn[str(L.index)](x[None], *xattn)[0]
-            q, k, v = L.qkv(L.norm1(x))
-            q = q.view(n, L.heads, L.head_dim)
-            k = k.view(n, L.kv_heads, L.head_dim)
-            v = v.view(n, L.kv_heads, L.head_dim)
-            q = q * cos + rot(q) * sin
-            k = k * cos + rot(k) * sin
-            a = attention.paged_attention(L.index, q, k, v, meta, L.scaling)
-            x = x + L.o(a.reshape(n, -1))
-            g, u = L.gate_up(L.norm2(x))
-            x = x + L.down(F.silu(g) * u)
-        return self.norm(x)
-
-    def _fused_pass(self, x, positions, meta, xattn):
-        """The same layers with the norm/rotary kernels; each layer's last residual add is done by the
-        next norm's kernel (in place on x)."""
-        k_ = self.fused
-        n = x.shape[0]
-        cos, sin = self.lm.rotary_emb(x[None], positions[None])
-        cos, sin = cos[0].contiguous(), sin[0].contiguous()  # (N, head_dim), bf16
-        x = x.contiguous()
+        cos, sin = cos[0].contiguous(), sin[0].contiguous()  # (N, head_dim)
+        if fused is not None:
+            x = x.contiguous()
         pending = None  # the MLP output still to be added to x
         for L in self.layers:
             if self.cross_attn is not None and xattn is not None and str(L.index) in self.cross_attn:
                 if pending is not None:
                     x, pending = x + pending, None
                 x = self.cross_attn[str(L.index)](x[None], *xattn)[0].contiguous()
-            w1 = L.norm1.weight
-            h = k_.rms_norm(x, w1, L.norm1.variance_epsilon) if pending is None else \
-                k_.add_rms_norm_(x, pending, w1, L.norm1.variance_epsilon)
+            x, h = self._add_norm(fused, x, pending, L.norm1)
             q, k, v = L.qkv(h)
             q = q.view(n, L.heads, L.head_dim)
             k = k.view(n, L.kv_heads, L.head_dim)
             v = v.view(n, L.kv_heads, L.head_dim)
-            k_.rope_(q, k, cos, sin)
+            if fused is not None:
+                fused.rope_(q, k, cos, sin)  # in place
+            else:
+                c, s_ = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+                q = q * c + self.rotate_half(q) * s_
+                k = k * c + self.rotate_half(k) * s_
             a = attention.paged_attention(L.index, q, k, v, meta, L.scaling)
-            h = k_.add_rms_norm_(x, L.o(a.reshape(n, -1)).contiguous(), L.norm2.weight, L.norm2.variance_epsilon)
+            x, h = self._add_norm(fused, x, L.o(a.reshape(n, -1)), L.norm2)
             g, u = L.gate_up(h)
-            pending = L.down(F.silu(g) * u).contiguous()
-        return k_.add_rms_norm_(x, pending, self.norm.weight, self.norm.variance_epsilon)
+            pending = L.down(F.silu(g) * u)
+        return self._add_norm(fused, x, pending, self.norm)[1]
+
+    @staticmethod
+    def _add_norm(fused, x: torch.Tensor, delta: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)); with the kernels, one pass that updates x in place."""
+        if fused is None:
+            x = x if delta is None else x + delta
+            return x, norm(x)
+        if delta is None:
+            return x, fused.rms_norm(x, norm.weight, norm.variance_epsilon)
+        return x, fused.add_rms_norm_(x, delta.contiguous(), norm.weight, norm.variance_epsilon)
