@@ -129,13 +129,13 @@ def test_greedy_equals_generate_with_either_decode_attention(setup):
     assert outputs(eng, setup.prompts) == setup.expected
 
 
-def _paged_case(seed: int, nb: int, heads: int, lengths: list[int], scale: float, dtype=torch.float32):
-    """A paged cache (blocks of 4, 2 kv heads of 16), disjoint random block tables, queries, and the
+def _paged_case(seed: int, nb: int, heads: int, lengths: list[int], scale: float, dtype=torch.float32, d: int = 16):
+    """A paged cache (blocks of 4, 2 kv heads of d), disjoint random block tables, queries, and the
     reference: fp32 SDPA over the gathered blocks of the same (dtype-rounded) values."""
     from recfm.serving import attention
 
     g = torch.Generator().manual_seed(seed)
-    bs, kvh, d = 4, 2, 16
+    bs, kvh = 4, 2
     kc, vc = (torch.randn(nb, bs, kvh, d, generator=g).to(dtype) for _ in range(2))
     lengths = torch.tensor(lengths)
     width = int(-(-lengths.max() // bs))
@@ -157,10 +157,14 @@ def _paged_decode_or_skip():
     return op
 
 
-def test_native_decode_attention_equals_sdpa_over_gathered_blocks():
+@pytest.mark.parametrize("d,heads", [(16, 6), (64, 2), (8, 6), (16, 20)])
+def test_native_decode_attention_equals_sdpa_over_gathered_blocks(d, heads):
+    """Head sizes 16 and 64 take the kernel's vector path (16 lanes at a time, polynomial exp); 8, and
+    10 query heads per kv head, take its scalar loop."""
     op = _paged_decode_or_skip()
-    # grouped-query (3 query heads per kv head); one token, a full block, one into the next, ...
-    q, kc, vc, tables, lengths, want = _paged_case(0, nb=64, heads=6, lengths=[1, 4, 5, 17, 30, 9], scale=0.3)
+    # grouped-query (3 query heads per kv head); one token, a full block, one into the next, more than
+    # the 16 scores the vector exp takes at a time, ...
+    q, kc, vc, tables, lengths, want = _paged_case(0, nb=64, heads=heads, lengths=[1, 4, 5, 17, 30, 9], scale=0.3, d=d)
     torch.testing.assert_close(op(q, kc, vc, tables, lengths, 0.3), want, rtol=1e-5, atol=1e-5)
     # each sequence reads its own slots up to its length and nothing else: NaN everywhere else changes nothing
     nb, bs, kvh, d = kc.shape
