@@ -43,7 +43,7 @@ class PagedMetadata:
     k_cache: list[torch.Tensor]  # per layer (num_blocks, block_size, kv_heads, head_dim)
     v_cache: list[torch.Tensor]
     slot_mapping: torch.Tensor  # (N,) where each token's key/value goes (block * block_size + offset)
-    decode_rows: torch.Tensor | None = None  # (nd,) rows of the decode tokens
+    decode_rows: torch.Tensor | slice | None = None  # (nd,) rows of the decode tokens, or a slice of the batch's rows
     decode_blocks: torch.Tensor | None = None  # (nd, max_blocks) block table per decode sequence (padded with 0)
     decode_mask: torch.Tensor | None = None  # (nd, 1, 1, max_blocks * block_size) bool (SDPA path)
     decode_lengths: torch.Tensor | None = None  # (nd,) context length of each decode sequence, new token included

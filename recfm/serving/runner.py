@@ -166,10 +166,11 @@ class ModelRunner:
         if decode_rows:
             lengths = [s.num_computed + 1 for s in decode_seqs]
             width = -(-max(lengths) // bs)
-            tables = torch.zeros(len(decode_seqs), width, dtype=torch.long)
-            for k, s in enumerate(decode_seqs):
-                tables[k, : len(s.block_table)] = torch.tensor(s.block_table[:width])
-            meta.decode_rows = torch.tensor(decode_rows, dtype=torch.long)
+            tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table)) for s in decode_seqs],
+                                  dtype=torch.long)
+            # decode-first batches put every decode token first: a slice (views) instead of gathered rows
+            nd = len(decode_rows)
+            meta.decode_rows = slice(0, nd) if decode_rows[-1] == nd - 1 else torch.tensor(decode_rows, dtype=torch.long)
             meta.decode_blocks = tables
             if self.native is not None:
                 meta.native, meta.decode_lengths = self.native, torch.tensor(lengths, dtype=torch.long)
@@ -206,5 +207,5 @@ class ModelRunner:
                 model._xattn_ctx = None
         if not sample_rows:
             return [], torch.empty(0), torch.empty(0)
-        hidden = last[sample_rows]
+        hidden = last if len(sample_rows) == len(ids) else last[sample_rows]  # a decode-only step samples every row
         return sample_seqs, hidden, (self.fast.logits if self.fast is not None else self.model.lm_head)(hidden)
