@@ -325,16 +325,9 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
 
     # --- completions ----------------------------------------------------------------------------
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        check_model(body.model)
-        p = body.prompt
-        batch = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
-        prompts = [Prompt(tok.encode(x) if isinstance(x, str) else list(x)) for x in batch]  # the engine checks the ids
-        params = [sampling(body, len(pr.token_ids), body.logprobs) for pr in prompts]
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        now = int(time.time())
-        n = body.n
+    async def merged_outputs(rid: str, prompts: list, params: list) -> tuple[AsyncIterator, AsyncIterator]:
+        """Several prompts' outputs as they come, as (prompt k, output): a task per prompt feeding one queue.
+        Returns the merged generator (to close) and its events from the first on."""
         merged: asyncio.Queue = asyncio.Queue()
 
         async def run(k: int):
@@ -349,7 +342,6 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
         tasks = [asyncio.create_task(run(k)) for k in range(len(prompts))]
 
         async def interleaved():
-            """Every prompt's outputs as they come, as (prompt k, output)."""
             done = 0
             try:
                 while done < len(prompts):
@@ -365,7 +357,23 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
                     t.cancel()
 
         gen = interleaved()
-        events = await started(gen)
+        return gen, await started(gen)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        check_model(body.model)
+        p = body.prompt
+        batch = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        prompts = [Prompt(tok.encode(x) if isinstance(x, str) else list(x)) for x in batch]  # the engine checks the ids
+        params = [sampling(body, len(pr.token_ids), body.logprobs) for pr in prompts]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        now = int(time.time())
+        n = body.n
+        if len(prompts) == 1:  # one prompt (the usual case): its outputs as they come, no merging task in between
+            gen = outputs(f"{rid}-0", prompts[0], params[0])
+            events = await started(tagged(gen))
+        else:
+            gen, events = await merged_outputs(rid, prompts, params)
 
         if not body.stream:
             answers, last = await collect(events)
