@@ -403,6 +403,38 @@ def test_api_key_queue_full_and_dead_engine(run_dir, items):
         srv.stop()
 
 
+def test_engine_on_its_own_thread_answers_the_same(run_dir, items, client):
+    """`engine_loop="thread"` (the engine stepping beside the event loop instead of on it) gives the
+    same greedy answer, streams, and frees a disconnected stream's blocks too."""
+    from recfm.serving.api import build_app
+    from recfm.serving.async_engine import AsyncEngine
+
+    with pytest.raises(ValueError, match="loop must be one of"):
+        AsyncEngine(make_service(run_dir).engine, loop="process")
+    body = {"messages": history_message(items), "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    want = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    srv = Server(build_app(make_service(run_dir), engine_loop="thread"))
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            assert c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == want
+            with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                deltas = [json.loads(line[6:])["choices"][0]["delta"].get("content", "") for line in r.iter_lines()
+                          if line.startswith("data: {")]
+            assert "".join(deltas) == want
+            with c.stream("POST", "/v1/completions", json={"prompt": "a red round lamp", "max_tokens": 300,
+                                                           "ignore_eos": True, "stream": True}) as r:
+                assert r.status_code == 200
+                for k, _ in enumerate(r.iter_lines()):
+                    if k > 3:
+                        break
+            deadline = time.time() + 20
+            while time.time() < deadline and metric(c, "recfm_kv_blocks_used") > 0:
+                time.sleep(0.1)
+            assert metric(c, "recfm_requests_running") == 0 and metric(c, "recfm_kv_blocks_used") == 0
+    finally:
+        srv.stop()
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 

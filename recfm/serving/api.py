@@ -67,9 +67,10 @@ class _APIKey:
         await self.app(scope, receive, send)
 
 
-def build_app(service: Service, api_key: str | None = None, max_waiting: int = 256) -> FastAPI:
+def build_app(service: Service, api_key: str | None = None, max_waiting: int = 256, engine_loop: str = "inline") -> FastAPI:
+    """The app; `engine_loop` is where the engine steps (`AsyncEngine`'s `loop`: "inline" or "thread")."""
     metrics = EngineMetrics(service.model_id)
-    engine = AsyncEngine(service.engine, max_waiting=max_waiting, metrics=metrics)
+    engine = AsyncEngine(service.engine, max_waiting=max_waiting, metrics=metrics, loop=engine_loop)
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
@@ -256,6 +257,19 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
+    def watch_disconnect(request: Request) -> tuple[asyncio.Event, asyncio.Task]:
+        """An event set when the client goes away. starlette cancels a streaming response on disconnect
+        only if it finds the response's task waiting; a stream woken by every engine step at the same
+        point of the loop's turn (the inline engine loop) is never found so, and would run to its end."""
+        gone = asyncio.Event()
+
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        return gone, asyncio.create_task(watch())
+
     # --- chat -----------------------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
@@ -300,11 +314,12 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
         async def stream():
             base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": service.model_id}
             extra = {"usage": None} if include_usage else {}
-            for i in range(params.n):
-                yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}], **extra})
             last, toks = {}, {i: [] for i in range(params.n)}
+            gone, watcher = watch_disconnect(request)
             try:
+                for i in range(params.n):
+                    yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                    "logprobs": None, "finish_reason": None}], **extra})
                 async for out in events:
                     for o in out.outputs:
                         if not o.token_ids and not o.finish_reason:
@@ -315,7 +330,10 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
                                   "logprobs": chat_logprobs(o.logprobs) if body.logprobs else None}
                         yield sse({**base, "choices": [choice], **extra})
                     last[0] = out
+                    if gone.is_set():
+                        return
             finally:
+                watcher.cancel()
                 await gen.aclose()  # a client gone mid-stream: the request is aborted and its blocks freed
             if include_usage and last:
                 yield sse({**base, "choices": [], "usage": usage(last)})
@@ -360,7 +378,7 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
         return gen, await started(gen)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         p = body.prompt
         batch = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
@@ -389,6 +407,7 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def stream():
+            gone, watcher = watch_disconnect(request)
             base = {"id": rid, "object": "text_completion", "created": now, "model": service.model_id}
             extra = {"usage": None} if include_usage else {}
             last = {}
@@ -401,7 +420,10 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
                                   "logprobs": completion_logprobs(o.logprobs) if body.logprobs is not None else None}
                         yield sse({**base, "choices": [choice], **extra})
                     last[k] = out
+                    if gone.is_set():
+                        return
             finally:
+                watcher.cancel()
                 await gen.aclose()
             if include_usage:
                 yield sse({**base, "choices": [], "usage": usage(last)})

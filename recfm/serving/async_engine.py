@@ -1,9 +1,19 @@
-"""The engine on a background thread, for asyncio callers (the HTTP server).
+"""The engine driven from asyncio (the HTTP server), in one of two ways.
 
-One thread owns the engine and the model: it takes new requests, aborts and calls from an inbox
-between steps, runs `step()` while there is work, and hands each request's outputs to its asyncio
-queue. Anything else that needs the model (a full-ranking forward pass, say) is sent as a call and
-runs on the same thread between steps, so nothing touches the model concurrently.
+- `loop="inline"` (the default): the engine steps as a task on the server's own event loop, as vLLM's
+  first async engine did. Between two steps the loop runs once (`await asyncio.sleep(0)`), so the
+  answers of a step go out and new requests come in, then the next step runs. One thread runs
+  Python; during a step the matrix work still spreads over every core through torch's thread pool.
+- `loop="thread"`: the engine steps on a thread of its own while the event loop serves HTTP. Both
+  threads run Python, so they take turns at the interpreter lock: each torch call of the step
+  releases it and must take it back. On this project's 2-core machine the inline loop gave 1.2x the
+  output tokens/s over HTTP (benchmarks/serve_profile.md §12); the thread keeps the event loop
+  answering during a step, so time to first token is lower, and matters when steps are long.
+
+Either way one place owns the engine and the model: new requests, aborts and calls arrive through an
+inbox and are taken between steps, and each request's outputs go to its asyncio queue. Anything else
+that needs the model (a full-ranking forward pass, say) is sent as a call and runs between steps, so
+nothing touches the model concurrently.
 """
 
 from __future__ import annotations
@@ -43,31 +53,128 @@ class EngineDead(RuntimeError):
     pass
 
 
+LOOPS = ("inline", "thread")
+
+
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_waiting: int = 256, metrics: EngineMetrics | None = None):
+    def __init__(self, engine: Engine, max_waiting: int = 256, metrics: EngineMetrics | None = None,
+                 loop: str = "inline"):
+        if loop not in LOOPS:
+            raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
         self.engine = engine
+        self.mode = loop
         self.max_waiting = max_waiting
         self.metrics = metrics
         self._inbox: queue.Queue = queue.Queue()
         self._sinks: dict[str, Callable] = {}
-        self._pending = 0  # requests sent but not yet taken by the engine thread
+        self._pending = 0  # requests sent but not yet taken by the engine
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self._recent: deque[tuple[float, int]] = deque()  # (time, generated tokens) for tokens/s
-        self._thread = threading.Thread(target=self._loop, name="recfm-engine", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._task: asyncio.Task | None = None  # inline: started by the first request, on its event loop
+        self._wake: asyncio.Event | None = None
+        self._aloop: asyncio.AbstractEventLoop | None = None
+        if loop == "thread":
+            self._thread = threading.Thread(target=self._loop, name="recfm-engine", daemon=True)
+            self._thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        if self.error is not None or self._stop.is_set():
+            return False
+        if self._thread is not None:
+            return self._thread.is_alive()
+        return self._task is None or not self._task.done()
 
     def shutdown(self) -> None:
         self._stop.set()
-        self._inbox.put(None)
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._inbox.put(None)
+            self._thread.join(timeout=10)
+        elif self._aloop is not None and not self._aloop.is_closed():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is self._aloop:  # on the engine's own loop (the server's lifespan): end the task now
+                self._task.cancel()
+                return
+            try:
+                self._aloop.call_soon_threadsafe(self._poke)
+            except RuntimeError:  # the loop is already closed
+                pass
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # --- inline: a task on the event loop ---------------------------------------------------------
+
+    def _ensure_task(self) -> None:
+        if self.mode != "inline" or self._task is not None:
+            return
+        self._aloop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._task = self._aloop.create_task(self._run_inline(), name="recfm-engine")
+
+    async def _run_inline(self) -> None:
+        eng = self.engine
+        try:
+            while not self._stop.is_set():
+                self._take_inbox()
+                if eng.has_unfinished():
+                    self._step()
+                    if self.metrics is not None:
+                        self.metrics.update(self)
+                    await asyncio.sleep(0)  # the step's answers go out, new requests come in
+                else:
+                    if self.metrics is not None:
+                        self.metrics.update(self)
+                    self._wake.clear()
+                    if self._inbox.empty():
+                        await self._wake.wait()
+        except BaseException as e:
+            self._fail(e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg is not None:
+                self._handle(msg)
+
+    def _step(self) -> None:
+        eng = self.engine
+        before = eng.stats.generation_tokens
+        outs = eng.step()
+        self._recent.append((time.monotonic(), eng.stats.generation_tokens - before))
+        batch = []
+        for out in outs:
+            sink = self._sinks.get(out.request_id)
+            if sink is not None:
+                batch.append((sink, out))
+                if out.finished:
+                    self._sinks.pop(out.request_id, None)
+        self._deliver(batch)
+
+    def _fail(self, e: BaseException) -> None:
+        """The engine is broken: fail every open request, report dead."""
+        self.error = e
+        if not isinstance(e, asyncio.CancelledError):
+            traceback.print_exc()
+        for sink in list(self._sinks.values()):
+            sink(EngineDead(f"the engine stopped: {e!r}"))
+        self._sinks.clear()
 
     # --- the engine thread ----------------------------------------------------------------------
+
+    # --- thread: a thread of its own ----------------------------------------------------------------
 
     def _loop(self) -> None:
         eng = self.engine
@@ -85,29 +192,15 @@ class AsyncEngine:
                     except queue.Empty:
                         msg = None
                 if eng.has_unfinished():
-                    before = eng.stats.generation_tokens
-                    outs = eng.step()
-                    self._recent.append((time.monotonic(), eng.stats.generation_tokens - before))
-                    batch = []
-                    for out in outs:
-                        sink = self._sinks.get(out.request_id)
-                        if sink is not None:
-                            batch.append((sink, out))
-                            if out.finished:
-                                self._sinks.pop(out.request_id, None)
-                    self._deliver(batch)
+                    self._step()
                 if self.metrics is not None:
                     self.metrics.update(self)
-        except BaseException as e:  # the engine is broken: fail every open request, report dead
-            self.error = e
-            traceback.print_exc()
-            for sink in list(self._sinks.values()):
-                sink(EngineDead(f"the engine stopped: {e!r}"))
-            self._sinks.clear()
+        except BaseException as e:
+            self._fail(e)
 
-    @staticmethod
-    def _deliver(batch: list) -> None:
-        """Hand a step's outputs over: one wake-up of each event loop per step, not one per request."""
+    def _deliver(self, batch: list) -> None:
+        """Hand a step's outputs over: one wake-up of each event loop per step, not one per request (and
+        straight into the queues when the engine steps on that loop)."""
         by_loop: dict = {}
         for sink, out in batch:
             loop = getattr(sink, "loop", None)
@@ -116,7 +209,10 @@ class AsyncEngine:
             else:
                 by_loop.setdefault(loop, []).append((sink.queue, out))
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            if loop is self._aloop:
+                _put_all(items)
+            else:
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _handle(self, msg) -> None:
         kind = msg[0]
@@ -169,6 +265,8 @@ class AsyncEngine:
         with self._lock:
             self._pending += 1
         self._inbox.put(("add", request_id, prompt, params, scorer, sink))
+        self._ensure_task()
+        self._poke()
         finished = False
         try:
             while True:
@@ -182,9 +280,10 @@ class AsyncEngine:
         finally:
             if not finished:
                 self._inbox.put(("abort", request_id))
+                self._poke()
 
     async def call(self, fn: Callable[[Engine], object]):
-        """Run fn(engine) on the engine thread, between steps."""
+        """Run fn(engine) where the engine runs, between steps."""
         self._check()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -200,4 +299,6 @@ class AsyncEngine:
             loop.call_soon_threadsafe(put)
 
         self._inbox.put(("call", fn, sink))
+        self._ensure_task()
+        self._poke()
         return await fut
