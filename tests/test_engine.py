@@ -106,6 +106,27 @@ def test_greedy_equals_generate_all_at_once(setup):
     assert eng.blocks.num_used == 0  # every block returned (cached ones are free to reuse)
 
 
+def test_greedy_equals_generate_in_padded_steps(setup):
+    """Steps of more than 64 tokens run padded to a multiple of 32 rows (one set-up matrix shape per
+    bucket); the padding rows change no answer."""
+    from recfm.serving.decoder import FastDecoder
+
+    assert [FastDecoder.rows(n) for n in (1, 64, 65, 96, 97, 500)] == [1, 64, 96, 96, 128, 512]
+    eng = setup.engine()
+    fast, sizes = eng.runner.fast, []
+
+    class Spy:  # the runner's decoder, with the sizes of the batches it gets
+        def __call__(self, x, *a):
+            sizes.append(x.shape[0])
+            return fast(x, *a)
+
+        logits = fast.logits
+
+    eng.runner.fast = Spy()
+    assert outputs(eng, setup.prompts) == setup.expected
+    assert any(n > 64 and n % 32 for n in sizes), sizes  # a step that was padded
+
+
 def test_greedy_equals_generate_through_the_modules(setup):
     """The runner's other path (the language model's own modules, for decoders the fast pass does not
     know) gives the same answers."""

@@ -17,6 +17,13 @@ MLP, residuals; the norms are the model's own modules) with changes that do not 
   MKL ran the whole 6,290 x 384 head at 16-64 rows 1.5-1.7x slower than the same work in slices on
   the 2-core AVX2 machine the benchmarks use (each output is the same dot product either way).
 
+- a flattened batch of more than 64 tokens (a step with prefill chunks) runs padded to a multiple of
+  32 rows; attention and the cache see only the real ones. A matrix product of a shape the process
+  has not run yet costs ~1.2-1.7 ms to set up in oneDNN (bf16) against ~0.2-0.3 ms to run, for each
+  of a layer's four products, so prompts of every length made every prefill step ~30 ms slower; with
+  the buckets there are 14 such shapes up to 512 tokens, and `warm()` sets them (and every decode
+  batch up to 64) up before the first request.
+
 Projections that are not plain `nn.Linear` (int8 or 4-bit quantized modules) are called as modules,
 unfused. A decoder this pass does not know (extra norms inside attention, a different activation,
 sliding windows) is reported by `unsupported`, and the runner goes through the modules instead.
@@ -77,13 +84,14 @@ def _fuse(*mods: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
-def _projection(mods: tuple[nn.Module, ...]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
-    """h -> one output per module: a single fused matrix product when they are plain linear layers."""
+def _projection(mods: tuple[nn.Module, ...]) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, ...]], torch.Tensor | None]:
+    """(h -> one output per module, the fused weight): a single fused matrix product when they are plain
+    linear layers (else the modules one by one, and no fused weight)."""
     if _plain(*mods):
         weight, bias = _fuse(*mods)
         sizes = [m.out_features for m in mods]
-        return lambda h: F.linear(h, weight, bias).split(sizes, dim=-1)
-    return lambda h: tuple(m(h) for m in mods)
+        return (lambda h: F.linear(h, weight, bias).split(sizes, dim=-1)), weight
+    return (lambda h: tuple(m(h) for m in mods)), None
 
 
 @dataclass
@@ -99,10 +107,19 @@ class _Layer:
     kv_heads: int
     head_dim: int
     scaling: float
+    qkv_weight: torch.Tensor | None = None  # the fused weights, when the projections are plain linear layers
+    gate_up_weight: torch.Tensor | None = None
 
 
 class FastDecoder:
     HEAD_SLICE = 1024
+    EXACT_ROWS = 64  # batches up to this many tokens run as they are (decode steps)
+    ROW_BUCKET = 32  # larger ones are padded to a multiple of this
+
+    @classmethod
+    def rows(cls, n: int) -> int:
+        """The rows a batch of n tokens runs as."""
+        return n if n <= cls.EXACT_ROWS else -(-n // cls.ROW_BUCKET) * cls.ROW_BUCKET
 
     def __init__(self, lm, cross_attn: nn.ModuleDict | None = None, head: nn.Module | None = None, fused=None):
         reason = unsupported(lm)
@@ -117,17 +134,33 @@ class FastDecoder:
         for i, layer in enumerate(lm.layers[: cfg.num_hidden_layers]):
             a, m = layer.self_attn, layer.mlp
             head_dim = a.head_dim
+            qkv, qkv_weight = _projection((a.q_proj, a.k_proj, a.v_proj))
+            gate_up, gate_up_weight = _projection((m.gate_proj, m.up_proj))
             self.layers.append(_Layer(
-                i, layer.input_layernorm, _projection((a.q_proj, a.k_proj, a.v_proj)), a.o_proj,
-                layer.post_attention_layernorm, _projection((m.gate_proj, m.up_proj)), m.down_proj,
-                cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, a.scaling))
+                i, layer.input_layernorm, qkv, a.o_proj, layer.post_attention_layernorm, gate_up, m.down_proj,
+                cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, a.scaling, qkv_weight, gate_up_weight))
         self.norm = lm.norm
         self.fused = fused if fused is not None and self._fusable() else None
         self.head = head
+        self._plain_weights = [w for L in self.layers[:1] for w in (L.qkv_weight, L.gate_up_weight) if w is not None]
+        self._plain_weights += [m.weight for m in (self.layers[0].o, self.layers[0].down) if _plain(m)] if self.layers else []
         if head is not None and _plain(head) and head.out_features > self.HEAD_SLICE:
             weights = head.weight.detach().split(self.HEAD_SLICE)  # views: no copy
             biases = head.bias.detach().split(self.HEAD_SLICE) if head.bias is not None else [None] * len(weights)
             self.head = lambda h: torch.cat([F.linear(h, w, b) for w, b in zip(weights, biases)], dim=-1)
+            self._plain_weights += [w for w in weights[:1] + weights[-1:]]
+        elif head is not None and _plain(head):
+            self._plain_weights.append(head.weight)
+
+    @torch.no_grad()
+    def warm(self, max_tokens: int) -> None:
+        """Run each distinct matrix product once at every batch size a step can have (1-64 tokens, then
+        the padded sizes up to max_tokens), so no request pays for setting a shape up."""
+        sizes = sorted({self.rows(n) for n in range(1, max_tokens + 1)})
+        for w in self._plain_weights:
+            x = w.new_zeros(sizes[-1], w.shape[1])
+            for m in sizes:
+                F.linear(x[:m], w)
 
     def _fusable(self) -> bool:
         """The kernels' case: bf16 on the CPU, norms with a weight and transformers' variance_epsilon, and
@@ -153,7 +186,11 @@ class FastDecoder:
         n = x.shape[0]
         cos, sin = self.lm.rotary_emb(x[None], positions[None])
         cos, sin = cos[0].contiguous(), sin[0].contiguous()  # (N, head_dim)
-        if fused is not None:
+        crossing = self.cross_attn is not None and xattn is not None
+        m = n if crossing else self.rows(n)  # padded rows: zeros through the norms and products, never attended
+        if m > n:
+            x = torch.cat([x, x.new_zeros(m - n, x.shape[1])])
+        elif fused is not None:
             x = x.contiguous()
         pending = None  # the MLP output still to be added to x
         for L in self.layers:
@@ -163,20 +200,22 @@ class FastDecoder:
                 x = self.cross_attn[str(L.index)](x[None], *xattn)[0].contiguous()
             x, h = self._add_norm(fused, x, pending, L.norm1)
             q, k, v = L.qkv(h)
-            q = q.view(n, L.heads, L.head_dim)
-            k = k.view(n, L.kv_heads, L.head_dim)
-            v = v.view(n, L.kv_heads, L.head_dim)
+            q = q[:n].view(n, L.heads, L.head_dim)
+            k = k[:n].view(n, L.kv_heads, L.head_dim)
+            v = v[:n].view(n, L.kv_heads, L.head_dim)
             if fused is not None:
                 fused.rope_(q, k, cos, sin)  # in place
             else:
                 c, s_ = cos[:, None, :], sin[:, None, :]  # broadcast over heads
                 q = q * c + self.rotate_half(q) * s_
                 k = k * c + self.rotate_half(k) * s_
-            a = attention.paged_attention(L.index, q, k, v, meta, L.scaling)
-            x, h = self._add_norm(fused, x, L.o(a.reshape(n, -1)), L.norm2)
+            a = attention.paged_attention(L.index, q, k, v, meta, L.scaling).reshape(n, -1)
+            if m > n:
+                a = torch.cat([a, a.new_zeros(m - n, a.shape[1])])
+            x, h = self._add_norm(fused, x, L.o(a), L.norm2)
             g, u = L.gate_up(h)
             pending = L.down(F.silu(g) * u)
-        return self._add_norm(fused, x, pending, self.norm)[1]
+        return self._add_norm(fused, x, pending, self.norm)[1][:n]
 
     @staticmethod
     def _add_norm(fused, x: torch.Tensor, delta: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:

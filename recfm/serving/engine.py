@@ -87,6 +87,8 @@ class Engine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.runner = ModelRunner(model, num_blocks, config.block_size, fast=config.fast_decoder,
                                   native_attention=config.native_attention)
+        if self.runner.fast is not None:  # every batch shape set up before the first request (see decoder.py)
+            self.runner.fast.warm(config.max_num_batched_tokens)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.chunked_prefill), self.blocks, self._block_keys)
         self.requests: dict[str, Request] = {}
