@@ -5,6 +5,7 @@ constraints, n > 1 and block accounting."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -557,3 +558,42 @@ def test_bf16_weights_and_cache(small_default, tiny_tokenizers, rows):
         assert eng.runner.fast.fused is not None  # the decoder pass runs through the norm/rotary kernels
     got = outputs(eng, s.prompts, SamplingParams(max_tokens=6, temperature=0))
     assert got == want
+
+
+@pytest.mark.parametrize("loop", ["inline", "thread"])
+def test_async_engine_calls_between_steps(atomic, loop):
+    """`AsyncEngine.call` runs a function on the engine between steps and hands back its result or its
+    error; a request generates beside it; on the event loop (inline) the loop keeps running during a
+    long call, which goes to a worker thread."""
+    import asyncio
+
+    from recfm.serving.async_engine import AsyncEngine
+
+    async def main():
+        ae = AsyncEngine(atomic.engine(), loop=loop)
+        try:
+            assert await ae.call(lambda e: e.blocks.num_free) == e_free
+            with pytest.raises(ZeroDivisionError):
+                await ae.call(lambda e: 1 / 0)
+            ticks = 0
+
+            async def tick():
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            t = asyncio.create_task(tick())
+            slow = ae.call(lambda e: time.sleep(0.4) or "done")
+            outs = [o async for o in ae.generate("r", atomic.prompts[0], GREEDY)]
+            assert await slow == "done"
+            t.cancel()
+            assert outs[-1].finished and [t for o in outs for x in o.outputs for t in x.token_ids] == atomic.reference(
+                atomic.encoded[0])
+            assert ticks >= 10  # the loop ran on while the call slept
+        finally:
+            ae.shutdown()
+        assert not ae.alive
+
+    e_free = atomic.engine().blocks.num_free
+    asyncio.run(main())

@@ -123,7 +123,7 @@ class AsyncEngine:
         eng = self.engine
         try:
             while not self._stop.is_set():
-                self._take_inbox()
+                await self._take_inbox_inline()
                 if eng.has_unfinished():
                     self._step()
                     if self.metrics is not None:
@@ -140,13 +140,18 @@ class AsyncEngine:
             if isinstance(e, asyncio.CancelledError):
                 raise
 
-    def _take_inbox(self) -> None:
+    async def _take_inbox_inline(self) -> None:
         while True:
             try:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if msg is not None:
+            if msg is None:
+                continue
+            if msg[0] == "call":  # model work outside a step (a beam search, say) goes to a worker thread, so the
+                # loop keeps answering HTTP meanwhile; the engine waits for it, so the model is still used by one
+                await asyncio.to_thread(self._handle, msg)
+            else:
                 self._handle(msg)
 
     def _step(self) -> None:
