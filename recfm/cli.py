@@ -393,7 +393,6 @@ def serve(
     import uvicorn
 
     from recfm.serving.api import build_app
-
     from recfm.serving.async_engine import LOOPS
 
     if engine_loop not in LOOPS:  # before anything is loaded

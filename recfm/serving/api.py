@@ -257,10 +257,11 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
-    def watch_disconnect(request: Request) -> tuple[asyncio.Event, asyncio.Task]:
-        """An event set when the client goes away. starlette cancels a streaming response on disconnect
-        only if it finds the response's task waiting; a stream woken by every engine step at the same
-        point of the loop's turn (the inline engine loop) is never found so, and would run to its end."""
+    async def until_disconnect(request: Request, events: AsyncIterator) -> AsyncIterator:
+        """events, ending early when the client goes away. starlette cancels a streaming response on
+        disconnect only if it finds the response's task waiting; a stream woken by every engine step at
+        the same point of the loop's turn (the inline engine loop) is never found so, and would run to
+        its end."""
         gone = asyncio.Event()
 
         async def watch():
@@ -268,7 +269,14 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
                 pass
             gone.set()
 
-        return gone, asyncio.create_task(watch())
+        watcher = asyncio.create_task(watch())
+        try:
+            async for x in events:
+                yield x
+                if gone.is_set():
+                    return
+        finally:
+            watcher.cancel()
 
     # --- chat -----------------------------------------------------------------------------------
 
@@ -315,12 +323,12 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
             base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": service.model_id}
             extra = {"usage": None} if include_usage else {}
             last, toks = {}, {i: [] for i in range(params.n)}
-            gone, watcher = watch_disconnect(request)
+            live = until_disconnect(request, events)
             try:
                 for i in range(params.n):
                     yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                     "logprobs": None, "finish_reason": None}], **extra})
-                async for out in events:
+                async for out in live:
                     for o in out.outputs:
                         if not o.token_ids and not o.finish_reason:
                             continue
@@ -330,10 +338,8 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
                                   "logprobs": chat_logprobs(o.logprobs) if body.logprobs else None}
                         yield sse({**base, "choices": [choice], **extra})
                     last[0] = out
-                    if gone.is_set():
-                        return
             finally:
-                watcher.cancel()
+                await live.aclose()
                 await gen.aclose()  # a client gone mid-stream: the request is aborted and its blocks freed
             if include_usage and last:
                 yield sse({**base, "choices": [], "usage": usage(last)})
@@ -407,12 +413,12 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def stream():
-            gone, watcher = watch_disconnect(request)
             base = {"id": rid, "object": "text_completion", "created": now, "model": service.model_id}
             extra = {"usage": None} if include_usage else {}
             last = {}
+            live = until_disconnect(request, events)
             try:
-                async for k, out in events:
+                async for k, out in live:
                     for o in out.outputs:
                         if not o.token_ids and not o.finish_reason:
                             continue
@@ -420,10 +426,8 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
                                   "logprobs": completion_logprobs(o.logprobs) if body.logprobs is not None else None}
                         yield sse({**base, "choices": [choice], **extra})
                     last[k] = out
-                    if gone.is_set():
-                        return
             finally:
-                watcher.cancel()
+                await live.aclose()
                 await gen.aclose()
             if include_usage:
                 yield sse({**base, "choices": [], "usage": usage(last)})

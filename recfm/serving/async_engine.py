@@ -177,8 +177,6 @@ class AsyncEngine:
             sink(EngineDead(f"the engine stopped: {e!r}"))
         self._sinks.clear()
 
-    # --- the engine thread ----------------------------------------------------------------------
-
     # --- thread: a thread of its own ----------------------------------------------------------------
 
     def _loop(self) -> None:

@@ -84,14 +84,13 @@ def _fuse(*mods: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
-def _projection(mods: tuple[nn.Module, ...]) -> tuple[Callable[[torch.Tensor], tuple[torch.Tensor, ...]], torch.Tensor | None]:
-    """(h -> one output per module, the fused weight): a single fused matrix product when they are plain
-    linear layers (else the modules one by one, and no fused weight)."""
+def _projection(mods: tuple[nn.Module, ...]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """h -> one output per module: a single fused matrix product when they are plain linear layers."""
     if _plain(*mods):
         weight, bias = _fuse(*mods)
         sizes = [m.out_features for m in mods]
-        return (lambda h: F.linear(h, weight, bias).split(sizes, dim=-1)), weight
-    return (lambda h: tuple(m(h) for m in mods)), None
+        return lambda h: F.linear(h, weight, bias).split(sizes, dim=-1)
+    return lambda h: tuple(m(h) for m in mods)
 
 
 @dataclass
@@ -107,8 +106,6 @@ class _Layer:
     kv_heads: int
     head_dim: int
     scaling: float
-    qkv_weight: torch.Tensor | None = None  # the fused weights, when the projections are plain linear layers
-    gate_up_weight: torch.Tensor | None = None
 
 
 class FastDecoder:
@@ -134,33 +131,38 @@ class FastDecoder:
         for i, layer in enumerate(lm.layers[: cfg.num_hidden_layers]):
             a, m = layer.self_attn, layer.mlp
             head_dim = a.head_dim
-            qkv, qkv_weight = _projection((a.q_proj, a.k_proj, a.v_proj))
-            gate_up, gate_up_weight = _projection((m.gate_proj, m.up_proj))
             self.layers.append(_Layer(
-                i, layer.input_layernorm, qkv, a.o_proj, layer.post_attention_layernorm, gate_up, m.down_proj,
-                cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, a.scaling, qkv_weight, gate_up_weight))
+                i, layer.input_layernorm, _projection((a.q_proj, a.k_proj, a.v_proj)), a.o_proj,
+                layer.post_attention_layernorm, _projection((m.gate_proj, m.up_proj)), m.down_proj,
+                cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, a.scaling))
         self.norm = lm.norm
         self.fused = fused if fused is not None and self._fusable() else None
         self.head = head
-        self._plain_weights = [w for L in self.layers[:1] for w in (L.qkv_weight, L.gate_up_weight) if w is not None]
-        self._plain_weights += [m.weight for m in (self.layers[0].o, self.layers[0].down) if _plain(m)] if self.layers else []
         if head is not None and _plain(head) and head.out_features > self.HEAD_SLICE:
             weights = head.weight.detach().split(self.HEAD_SLICE)  # views: no copy
             biases = head.bias.detach().split(self.HEAD_SLICE) if head.bias is not None else [None] * len(weights)
             self.head = lambda h: torch.cat([F.linear(h, w, b) for w, b in zip(weights, biases)], dim=-1)
-            self._plain_weights += [w for w in weights[:1] + weights[-1:]]
-        elif head is not None and _plain(head):
-            self._plain_weights.append(head.weight)
 
     @torch.no_grad()
     def warm(self, max_tokens: int) -> None:
-        """Run each distinct matrix product once at every batch size a step can have (1-64 tokens, then
-        the padded sizes up to max_tokens), so no request pays for setting a shape up."""
+        """Run the first layer's products and the head once at every batch size a step can have (1-64
+        tokens, then the padded sizes up to max_tokens), so no request pays for setting a shape up (the
+        other layers' products have the same shapes)."""
+        if not self.layers:
+            return
+        L = self.layers[0]
+        token = torch.zeros(1, dtype=torch.long, device=next(self.lm.parameters()).device)
+        e = self.lm.get_input_embeddings()(token)  # what a step's input looks like (dtype, width)
         sizes = sorted({self.rows(n) for n in range(1, max_tokens + 1)})
-        for w in self._plain_weights:
-            x = w.new_zeros(sizes[-1], w.shape[1])
-            for m in sizes:
-                F.linear(x[:m], w)
+        h = e.new_zeros(sizes[-1], e.shape[-1])
+        a = e.new_zeros(sizes[-1], L.heads * L.head_dim)
+        for m in sizes:
+            L.qkv(h[:m])
+            L.o(a[:m])
+            g, u = L.gate_up(h[:m])
+            L.down(F.silu(g) * u)
+            if self.head is not None:
+                self.head(h[:m])
 
     def _fusable(self) -> bool:
         """The kernels' case: bf16 on the CPU, norms with a weight and transformers' variance_epsilon, and
@@ -188,13 +190,15 @@ class FastDecoder:
         cos, sin = cos[0].contiguous(), sin[0].contiguous()  # (N, head_dim)
         crossing = self.cross_attn is not None and xattn is not None
         m = n if crossing else self.rows(n)  # padded rows: zeros through the norms and products, never attended
+        padded = None  # attention's output with the padding rows (zeros) below it, one buffer for every layer
         if m > n:
             x = torch.cat([x, x.new_zeros(m - n, x.shape[1])])
+            padded = x.new_zeros(m, self.layers[0].heads * self.layers[0].head_dim) if self.layers else None
         elif fused is not None:
             x = x.contiguous()
         pending = None  # the MLP output still to be added to x
         for L in self.layers:
-            if self.cross_attn is not None and xattn is not None and str(L.index) in self.cross_attn:
+            if crossing and str(L.index) in self.cross_attn:
                 if pending is not None:
                     x, pending = x + pending, None
                 x = self.cross_attn[str(L.index)](x[None], *xattn)[0].contiguous()
@@ -210,8 +214,9 @@ class FastDecoder:
                 q = q * c + self.rotate_half(q) * s_
                 k = k * c + self.rotate_half(k) * s_
             a = attention.paged_attention(L.index, q, k, v, meta, L.scaling).reshape(n, -1)
-            if m > n:
-                a = torch.cat([a, a.new_zeros(m - n, a.shape[1])])
+            if padded is not None:
+                padded[:n] = a
+                a = padded
             x, h = self._add_norm(fused, x, L.o(a), L.norm2)
             g, u = L.gate_up(h)
             pending = L.down(F.silu(g) * u)

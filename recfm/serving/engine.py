@@ -4,8 +4,9 @@
     cache) -> sampler (one token per finished chunk) -> stop checks, detokenization -> outputs
 
 `Engine` is synchronous and single-threaded; `recfm.serving.async_engine.AsyncEngine` drives it for
-the HTTP server, as a task on the server's event loop (or on a thread of its own). A request with n > 1 computes its prompt once: when the prompt
-is done the sequence forks, the children share its full blocks and copy the last partial one.
+the HTTP server, as a task on the server's event loop (or on a thread of its own). A request with
+n > 1 computes its prompt once: when the prompt is done the sequence forks, the children share its
+full blocks and copy the last partial one.
 """
 
 from __future__ import annotations

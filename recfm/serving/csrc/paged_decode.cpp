@@ -7,7 +7,8 @@
 // softmax and the weighted sum are accumulated in fp32 either way); block_table:
 // (n, max_blocks) int64; lengths: (n,) int64 context length per sequence (the new token included).
 // Query head j reads kv head j / (heads / kv_heads), as transformers' repeat_kv does.
-// Work is split over (sequence, kv head) pairs with ATen's thread pool.
+// Work is split over (sequence, kv head) pairs with ATen's thread pool; each pair goes through one of
+// two pair functions.
 //
 // Head sizes that are a multiple of 16 (up to 128) with up to 8 query heads per kv head take the
 // vector path: 16 floats at a time through GCC/Clang vector extensions (one AVX-512 register, two
@@ -72,10 +73,17 @@ static inline f32x16 exp_nonpositive(f32x16 x) {
   return p * scale;
 }
 
-// one (sequence, kv head) pair: `group` query heads of DV * 16 values each
+// One (sequence, kv head) pair: qh its `group` query heads (d values each), kp / vp the cache at its kv
+// head, table its block table, len its context; o gets the group's outputs. `scratch` holds at least
+// group * len + 2 * group * d + d floats (the scores first).
+template <typename T>
+using PairFn = void (*)(const T* qh, const T* kp, const T* vp, const int64_t* table, int64_t len, int64_t bs,
+                        int64_t row, int64_t group, int64_t d, float sc, float* scratch, T* o);
+
+// the vector path: DV * 16 values per head, up to 8 query heads per kv head
 template <typename T, int DV>
-static void decode_pair(const T* qh, const T* kp, const T* vp, const int64_t* table, int64_t len, int64_t bs,
-                        int64_t row, int64_t group, float sc, float* scores, T* o) {
+static void pair_vec(const T* qh, const T* kp, const T* vp, const int64_t* table, int64_t len, int64_t bs, int64_t row,
+                     int64_t group, int64_t, float sc, float* scores, T* o) {
   constexpr int MAXG = 8;
   f32x16 q[MAXG][DV];
   for (int64_t g = 0; g < group; ++g)
@@ -129,45 +137,6 @@ static void decode_pair(const T* qh, const T* kp, const T* vp, const int64_t* ta
     }
 }
 
-template <typename T, int DV>
-static void decode_vec(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                       const torch::Tensor& block_table, const torch::Tensor& lengths, double scale, torch::Tensor& out) {
-  const int64_t n = q.size(0), heads = q.size(1), d = q.size(2);
-  const int64_t bs = k_cache.size(1), kvh = k_cache.size(2);
-  const int64_t group = heads / kvh, max_blocks = block_table.size(1);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k_cache.data_ptr<T>();
-  const T* vp = v_cache.data_ptr<T>();
-  const int64_t* bt = block_table.data_ptr<int64_t>();
-  const int64_t* lens = lengths.data_ptr<int64_t>();
-  T* op = out.data_ptr<T>();
-  const int64_t row = kvh * d;
-  int64_t longest = 0;
-  for (int64_t i = 0; i < n; ++i) longest = std::max(longest, lens[i]);
-  at::parallel_for(0, n * kvh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * longest);
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t i = w / kvh, h = w % kvh;
-      decode_pair<T, DV>(qp + (i * heads + h * group) * d, kp + h * d, vp + h * d, bt + i * max_blocks, lens[i], bs, row,
-                         group, static_cast<float>(scale), scores.data(), op + (i * heads + h * group) * d);
-    }
-  });
-}
-
-template <typename T>
-static bool try_vec(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                    const torch::Tensor& block_table, const torch::Tensor& lengths, double scale, torch::Tensor& out) {
-  const int64_t d = q.size(2), group = q.size(1) / k_cache.size(2);
-  if (group > 8) return false;
-  switch (d) {
-    case 16: decode_vec<T, 1>(q, k_cache, v_cache, block_table, lengths, scale, out); return true;
-    case 32: decode_vec<T, 2>(q, k_cache, v_cache, block_table, lengths, scale, out); return true;
-    case 64: decode_vec<T, 4>(q, k_cache, v_cache, block_table, lengths, scale, out); return true;
-    case 128: decode_vec<T, 8>(q, k_cache, v_cache, block_table, lengths, scale, out); return true;
-    default: return false;
-  }
-}
-
 // d values as fp32: the values themselves when they are fp32, else converted into `buf`.
 static inline const float* as_float(const float* x, float*, int64_t) { return x; }
 static inline const float* as_float(const at::BFloat16* x, float* buf, int64_t d) {
@@ -175,7 +144,51 @@ static inline const float* as_float(const at::BFloat16* x, float* buf, int64_t d
   return buf;
 }
 
+// the scalar loop, for every other shape
 template <typename T>
+static void pair_scalar(const T* qt, const T* kp, const T* vp, const int64_t* table, int64_t len, int64_t bs,
+                        int64_t row, int64_t group, int64_t d, float sc, float* scratch, T* o) {
+  float* scores = scratch;
+  float* acc = scores + group * len;
+  float* qf = acc + group * d;  // bf16 only: the queries and one key or value row in fp32
+  float* rowf = qf + group * d;
+  const float* qh = as_float(qt, qf, group * d);
+  for (int64_t t = 0; t < len; ++t) {
+    const float* kr = as_float(kp + (table[t / bs] * bs + t % bs) * row, rowf, d);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qr = qh + g * d;
+      float s = 0.f;
+      for (int64_t j = 0; j < d; ++j) s += qr[j] * kr[j];
+      scores[g * len + t] = s * sc;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = scores + g * len;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < len; ++t) m = std::max(m, sg[t]);
+    float total = 0.f;
+    for (int64_t t = 0; t < len; ++t) {
+      sg[t] = std::exp(sg[t] - m);
+      total += sg[t];
+    }
+    const float inv = 1.f / total;
+    for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+  }
+  std::fill(acc, acc + group * d, 0.f);
+  for (int64_t t = 0; t < len; ++t) {
+    const float* vr = as_float(vp + (table[t / bs] * bs + t % bs) * row, rowf, d);
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * len + t];
+      float* a = acc + g * d;
+      for (int64_t j = 0; j < d; ++j) a[j] += p * vr[j];
+    }
+  }
+  for (int64_t j = 0; j < group * d; ++j) o[j] = static_cast<T>(acc[j]);
+}
+
+// every (sequence, kv head) pair through one pair function (a template argument, so it is inlined),
+// split over ATen's thread pool
+template <typename T, PairFn<T> pair>
 static void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
                    const torch::Tensor& block_table, const torch::Tensor& lengths, double scale, torch::Tensor& out) {
   const int64_t n = q.size(0), heads = q.size(1), d = q.size(2);
@@ -188,52 +201,31 @@ static void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const t
   const int64_t* lens = lengths.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
   const int64_t row = kvh * d;  // elements per cache slot
-  const float sc = static_cast<float>(scale);
   int64_t longest = 0;
   for (int64_t i = 0; i < n; ++i) longest = std::max(longest, lens[i]);
-
   at::parallel_for(0, n * kvh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * longest);
-    std::vector<float> acc(group * d);
-    std::vector<float> qf(group * d), rowf(d);  // bf16 only: this pair's queries and one key or value row in fp32
+    std::vector<float> scratch(group * longest + 2 * group * d + d);
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t i = w / kvh, h = w % kvh, len = lens[i];
-      const int64_t* table = bt + i * max_blocks;
-      const float* qh = as_float(qp + (i * heads + h * group) * d, qf.data(), group * d);
-      for (int64_t t = 0; t < len; ++t) {
-        const float* kr = as_float(kp + (table[t / bs] * bs + t % bs) * row + h * d, rowf.data(), d);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qr = qh + g * d;
-          float s = 0.f;
-          for (int64_t j = 0; j < d; ++j) s += qr[j] * kr[j];
-          scores[g * len + t] = s * sc;
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * len;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < len; ++t) m = std::max(m, sg[t]);
-        float total = 0.f;
-        for (int64_t t = 0; t < len; ++t) {
-          sg[t] = std::exp(sg[t] - m);
-          total += sg[t];
-        }
-        const float inv = 1.f / total;
-        for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const float* vr = as_float(vp + (table[t / bs] * bs + t % bs) * row + h * d, rowf.data(), d);
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * len + t];
-          float* a = acc.data() + g * d;
-          for (int64_t j = 0; j < d; ++j) a[j] += p * vr[j];
-        }
-      }
-      T* o = op + (i * heads + h * group) * d;
-      for (int64_t j = 0; j < group * d; ++j) o[j] = static_cast<T>(acc[j]);
+      const int64_t i = w / kvh, h = w % kvh;
+      pair(qp + (i * heads + h * group) * d, kp + h * d, vp + h * d, bt + i * max_blocks, lens[i], bs, row, group, d,
+           static_cast<float>(scale), scratch.data(), op + (i * heads + h * group) * d);
     }
   });
+}
+
+// the vector path for this shape (query heads per kv head, head size), else the scalar loop
+template <typename T>
+static void dispatch(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                     const torch::Tensor& block_table, const torch::Tensor& lengths, double scale, torch::Tensor& out) {
+  if (q.size(1) / k_cache.size(2) <= 8) {
+    switch (q.size(2)) {
+      case 16: return decode<T, pair_vec<T, 1>>(q, k_cache, v_cache, block_table, lengths, scale, out);
+      case 32: return decode<T, pair_vec<T, 2>>(q, k_cache, v_cache, block_table, lengths, scale, out);
+      case 64: return decode<T, pair_vec<T, 4>>(q, k_cache, v_cache, block_table, lengths, scale, out);
+      case 128: return decode<T, pair_vec<T, 8>>(q, k_cache, v_cache, block_table, lengths, scale, out);
+    }
+  }
+  decode<T, pair_scalar<T>>(q, k_cache, v_cache, block_table, lengths, scale, out);
 }
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_table,
@@ -260,12 +252,10 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
       TORCH_CHECK(bt[i * max_blocks + b] >= 0 && bt[i * max_blocks + b] < num_blocks, "paged_decode: a block outside the cache");
   }
   auto out = torch::empty_like(q);
-  if (dt == at::kFloat) {
-    if (!try_vec<float>(q, k_cache, v_cache, block_table, lengths, scale, out))
-      decode<float>(q, k_cache, v_cache, block_table, lengths, scale, out);
-  } else if (!try_vec<at::BFloat16>(q, k_cache, v_cache, block_table, lengths, scale, out)) {
-    decode<at::BFloat16>(q, k_cache, v_cache, block_table, lengths, scale, out);
-  }
+  if (dt == at::kFloat)
+    dispatch<float>(q, k_cache, v_cache, block_table, lengths, scale, out);
+  else
+    dispatch<at::BFloat16>(q, k_cache, v_cache, block_table, lengths, scale, out);
   return out;
 }
 
