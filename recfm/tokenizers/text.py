@@ -54,6 +54,8 @@ def train_text_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequ
 
 def load_text_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """A local Hugging Face tokenizer (a pretrained LM's, or one saved by recfm), with recfm's tokens."""
+    from .. import foundation  # noqa: F401  registers model type "recfm", which a run folder's config.json names
+
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or PAD
