@@ -20,7 +20,7 @@ from recfm.data import leave_one_out
 from recfm.foundation import RecFMConfig, RecFMForCausalLM, build_config, token_image_index
 from recfm.foundation.build import build_model
 from recfm.foundation.configuration import PRESETS
-from recfm.foundation.generation import beam_items, generate_image_codes, generate_images
+from recfm.foundation.generation import beam_items, generate_image_codes, generate_images, score_semantic_items
 from recfm.instructions import Item, RenderContext, build_training_examples, render
 from recfm.instructions.chat import IGNORE
 from recfm.tokenizers.bundle import Tokenizers
@@ -383,6 +383,43 @@ def test_trie_constrained_beam_returns_only_real_items(world, mode):
     assert len(result) == 2
     for items in result:
         assert len(items) == k and len(set(items)) == k and set(items) <= real
+
+
+@pytest.mark.parametrize("fusion", ["early", "cross_attention"])
+def test_semantic_scores_are_each_items_exact_log_probability(world, fusion):
+    """Full ranking for semantic ids: every item's score equals the log-probability of its whole code
+    sequence after the prompt, summed token by token from a plain forward pass over prompt + codes,
+    for each row of a left-padded batch with images; excluded items get -inf."""
+    model = make_model(world, "semantic", fusion).eval()
+    with torch.no_grad():
+        for blk in model.model.cross_attn.values():
+            blk.attn_gate.fill_(1.0)
+    items = world.tokenizers("semantic").items
+    table = np.asarray(items.id_table)
+    assert table.shape[1] >= 2 and len(table) >= 10
+    prompts = encode(world, model, "semantic", world.rows("next_item", n=3), prompt_only=True)
+    assert len({len(p.input_ids) for p in prompts}) > 1  # the batch really is padded
+    batch = without(collate(world, model, prompts, left_pad=True), "labels")
+    scores = score_semantic_items(model, items, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                                  exclude=[[0, 3], [], [1]])
+    assert scores.shape == (3, len(table))
+    assert torch.isinf(scores[0, [0, 3]]).all() and torch.isinf(scores[2, 1]) and torch.isfinite(scores[1]).all()
+    for b, prompt in enumerate(prompts):
+        one = without(collate(world, model, [prompt]), "labels")
+        n = one["input_ids"].shape[1]
+        for i in [0, 1, 2, 3, len(table) // 2, len(table) - 1]:
+            codes = torch.as_tensor(table[i])[None]
+            ids = torch.cat([one["input_ids"], codes], 1)
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                               pixel_values=one.get("pixel_values")).logits[0].float().log_softmax(-1)
+            want = sum(float(logits[n - 1 + level, table[i, level]]) for level in range(table.shape[1]))
+            if torch.isfinite(scores[b, i]):
+                assert abs(float(scores[b, i]) - want) < 1e-4, (b, i)
+    # the best-scored item is the best complete sequence a wide beam finds
+    best = beam_items(model, items, batch["input_ids"], k=len(table), attention_mask=batch["attention_mask"],
+                      pixel_values=batch.get("pixel_values"))
+    assert items.item_ids[int(scores[1].argmax())] in best[1][:3]
 
 
 @pytest.mark.parametrize("mode,fusion", [("atomic", "early"), ("content", "cross_attention")])

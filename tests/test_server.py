@@ -297,6 +297,45 @@ def test_recommendations_rank_the_catalogue(client, server, items):
     assert [d["item_id"] for d in seq] == [svc.tok.items.item_id(int(i)) for i in torch.topk(s, 5).indices]
 
 
+def test_semantic_id_recommendations_rank_the_whole_catalogue(small_default, tiny_tokenizers, tmp_path, items):
+    """Semantic ids: /v1/recommendations scores every item by its exact code-sequence log-probability
+    (not only what a beam kept), with the history excluded, allowed_items and the identifier view."""
+    from recfm.foundation.generation import score_semantic_items
+    from recfm.instructions.chat import id_sequence_prompt
+    from recfm.serving.api import build_app
+
+    out = tmp_path / "semantic-run"
+    tok = Tokenizers(tiny_tokenizers, "semantic")
+    torch.manual_seed(0)
+    build_model("tiny", tok).save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "run.json").write_text(json.dumps({"stage": "tune", "domain": str(small_default.path)}))
+    svc = make_service(out)
+    srv = Server(build_app(svc))
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            k = len(svc.tok.items) - 4  # every item but the history: a beam of width k + 4 would be needed
+            data = c.post("/v1/recommendations", json={"history": items[:4], "k": k}).json()["data"]
+            allowed = c.post("/v1/recommendations", json={"history": items[:4], "k": 3, "allowed_items": items[3:6],
+                                                          "exclude_seen": False}).json()["data"]
+            seq = c.post("/v1/recommendations", json={"history": items[:4], "k": 5, "template": "id_sequence"}).json()["data"]
+    finally:
+        srv.stop()
+    assert len(data) == k and {d["item_id"] for d in data} == set(svc.tok.items.item_ids) - set(items[:4])
+    scores = [d["score"] for d in data]
+    assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)  # log-probabilities
+    prompt, _ = svc.prompt(svc.history_messages(items[:4], "next-1"))
+    pix = svc.model.model.normalize_pixels(torch.stack([svc.item_images(r[5:]) for _, r, _ in prompt.images]))
+    ref = score_semantic_items(svc.model, svc.tok.items, torch.tensor([prompt.token_ids]), pixel_values=pix)[0]
+    for d in data[:5]:
+        assert abs(d["score"] - float(ref[svc.tok.items.index(d["item_id"])])) < 1e-4
+    assert {d["item_id"] for d in allowed} == set(items[3:6])
+    enc = id_sequence_prompt(items[:4], svc.ctx)
+    ref = score_semantic_items(svc.model, svc.tok.items, torch.tensor([enc.input_ids]),
+                               exclude=[[svc.tok.items.index(i) for i in items[:4]]])[0]
+    assert [d["item_id"] for d in seq] == [svc.tok.items.item_id(int(i)) for i in torch.topk(ref, 5).indices]
+
+
 def test_image_generation_returns_pngs(client, server, items):
     r = client.post("/v1/images/generations", json={"history": items[:3], "prompt": "lamp", "n": 2, "seed": 1})
     assert r.status_code == 200, r.text

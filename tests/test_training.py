@@ -219,6 +219,29 @@ def test_ranking_masks_the_whole_history_in_both_views(tuned_run, small_default)
     assert all(k < len(small_default.item_ids) - len(set(history[r["user_id"]])) for r, k in zip(rows, ranks))
 
 
+def test_semantic_ids_rank_every_item_in_both_views(small_default, tok_dir, tmp_path):
+    """Semantic ids are ranked over the whole catalogue (each item's code-sequence log-probability), with
+    the history masked, in the templated prompt and in the identifier-sequence view; eval reports both."""
+    from recfm.data import leave_one_out
+    from recfm.eval.runner import LoadedRun, eval_ranking, evaluate
+    from recfm.instructions import build_eval_examples
+
+    pre = train(TrainConfig(stage="pretrain", domain=str(small_default.path), tokenizers=str(tok_dir),
+                            output=str(tmp_path / "pre"), max_steps=1, item_mode="semantic", **TINY), progress=False)
+    split = leave_one_out(small_default)
+    rows = list(build_eval_examples(small_default, split, tasks=["next_item"], max_users=5, max_history=2))
+    run = LoadedRun(pre, small_default)
+    everything_else = {r["user_id"]: [i for i in small_default.item_ids if i != r["target"]] for r in rows}
+    nothing = {r["user_id"]: [] for r in rows}
+    for view in (0, 4):
+        assert eval_ranking(run, rows, everything_else, progress=False, id_sequence=view) == [0] * len(rows)
+        ranks = eval_ranking(run, rows, nothing, progress=False, id_sequence=view)
+        assert all(0 <= k < len(small_default.item_ids) for k in ranks)
+    report = evaluate(pre, small_default.path, tasks=["next_item", "pick_candidate"], max_users=5, progress=False)
+    assert {"seen", "id_sequence"} <= set(report["tasks"]["next_item"])
+    assert 0 <= report["tasks"]["pick_candidate"]["seen"]["accuracy"] <= 1
+
+
 def test_cold_item_split_trains_without_the_cold_items_and_ranks_them(small_default, tok_dir, tmp_path):
     """split cold_items: training never sees the cold items (not in examples, vocabulary order last),
     the run records its draw, evaluation asks for cold items only and refuses a run that saw them."""

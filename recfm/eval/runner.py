@@ -1,7 +1,8 @@
 """`recfm eval`: every task of a trained run on a domain's leave-one-out split, against baselines.
 
 Next-item prediction is full ranking over the whole catalogue with the user's history masked (one
-forward pass per prompt through the ranking head; semantic ids by a trie beam of width 20). Pick-
+forward pass per prompt through the ranking head; semantic ids by each item's exact code-sequence
+log-probability, one more pass over the code trie's inner nodes). Pick-
 from-candidates, yes/no, image preference and rating read the answer position's logits; explanation
 and review generation decode greedily and are scored by BLEU-4 and ROUGE; image generation samples a
 code grid, the VQ decoder draws it, and (default domain) the pixel checker says whether it shows the
@@ -20,9 +21,6 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as M
-
-RANK_K = 20
-
 
 class LoadedRun:
     """A trained run folder, ready to answer prompts about a domain."""
@@ -70,6 +68,20 @@ class LoadedRun:
         return self.tok.text.encode(text, add_special_tokens=False)[0]
 
 
+def score_catalogue(run: LoadedRun, enc: list, exclude: list[list[int]] | None = None) -> torch.Tensor:
+    """(B, n_items) scores of every item as the answer to each encoded prompt: atomic and content ids
+    through the ranking head in one pass; semantic ids as each item's exact code-sequence log-probability."""
+    if run.model.config.item_mode == "semantic":
+        from ..foundation.generation import score_semantic_items
+
+        b = run.batch(enc, left=True)
+        return score_semantic_items(run.model, run.tok.items, b["input_ids"], b["attention_mask"], b.get("pixel_values"),
+                                    exclude=exclude)
+    b = run.batch(enc)
+    return run.model.score_items(b["input_ids"], b["attention_mask"], b.get("pixel_values"), b.get("content_item_ids"),
+                                 exclude=exclude)
+
+
 def _batches(rows, size):
     for i in range(0, len(rows), size):
         yield rows[i : i + size]
@@ -90,25 +102,10 @@ def eval_ranking(run: LoadedRun, rows: list[dict], masked: dict[str, list[str]],
         else:
             enc = [run.prompt(r["messages"]) for r in chunk]
         histories = [masked[r["user_id"]] for r in chunk]
-        if run.model.config.item_mode == "semantic":
-            from ..foundation.generation import beam_items
-
-            b = run.batch(enc, left=True)
-            end = run.tok.text.convert_tokens_to_ids("<|end|>")
-            shown = max(len(e.item_spans) for e in enc)  # items of the prompt: the likeliest to come back
-            lists = beam_items(run.model, items, b["input_ids"], k=RANK_K + shown,
-                               attention_mask=b["attention_mask"], pixel_values=b.get("pixel_values"), end_token_id=end)
-            for r, h, found in zip(chunk, histories, lists):
-                seen = set(h)
-                found = [i for i in found if i not in seen]
-                ranks.append(found.index(r["target"]) if r["target"] in found else len(items))
-            continue
-        b = run.batch(enc)
         exclude = [[items.index(i) for i in h if i in items] for h in histories]
-        scores = run.model.score_items(b["input_ids"], b["attention_mask"], b.get("pixel_values"),
-                                       b.get("content_item_ids"), exclude=exclude).numpy()
+        scores = score_catalogue(run, enc, exclude)
         targets = np.asarray([items.index(r["target"]) for r in chunk])
-        ranks += M.target_ranks(scores, targets).tolist()
+        ranks += M.target_ranks(scores.numpy(), targets).tolist()
     return ranks
 
 
@@ -123,20 +120,13 @@ def eval_options(run: LoadedRun, rows: list[dict], options: list[str], batch_siz
 
 
 def eval_candidates(run: LoadedRun, rows: list[dict], batch_size: int = 16) -> list[bool]:
-    """Is the best-scored candidate the target? (atomic/content: ranking head; semantic: first code token)."""
+    """Is the best-scored candidate the target? (scored as in full ranking, over the candidates alone)"""
     items = run.tok.items
     hits = []
     for chunk in _batches(rows, batch_size):
         enc = [run.prompt(r["messages"]) for r in chunk]
         cands = [[p["item_id"] for p in json.loads(r["messages"])[0]["content"] if p.get("view") == "full"] for r in chunk]
-        if run.model.config.item_mode == "semantic":
-            logits = run.answer_logits(enc)
-            for b, (r, cs) in enumerate(zip(chunk, cands)):
-                s = [float(logits[b, items.encode(c)[0]]) for c in cs]
-                hits.append(cs[int(np.argmax(s))] == r["target"])
-            continue
-        b = run.batch(enc)
-        scores = run.model.score_items(b["input_ids"], b["attention_mask"], b.get("pixel_values"), b.get("content_item_ids"))
+        scores = score_catalogue(run, enc)
         for k, (r, cs) in enumerate(zip(chunk, cands)):
             s = [float(scores[k, items.index(c)]) for c in cs]
             hits.append(cs[int(np.argmax(s))] == r["target"])
@@ -307,7 +297,7 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
         report["per_example"]["next_item"] = [{"user_id": r["user_id"], "held_out": r["held_out"], "rank": k}
                                               for r, k in zip(rs, ranks)]
         length = _id_sequence_length(Path(run_dir))
-        if length and run.model.config.item_mode != "semantic":  # the view pretraining taught, one row per user
+        if length:  # the view pretraining taught, one row per user
             first = [r for r in rs if r["template_id"] == rs[0]["template_id"]]
             seq_ranks = eval_ranking(run, first, masked, batch_size, progress, id_sequence=length)
             T["next_item"]["id_sequence"] = M.ranking_metrics(seq_ranks)

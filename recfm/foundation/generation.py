@@ -1,17 +1,111 @@
 """Generation helpers: constrained decoding for items and for image code grids.
 
-- `beam_items`: top-k items for prompts by beam search constrained to the item trie (how semantic
-  ids are ranked; works for atomic ids too).
+- `score_semantic_items`: every item's exact log-probability as the answer to each prompt, for
+  semantic ids (a code sequence per item): one pass over the prompts, then one pass over the trie's
+  inner nodes as a tree (each node sees the prompt and its own ancestors), so ranking is over the
+  whole catalogue, not over what a beam happened to keep.
+- `beam_items`: top-k items for prompts by beam search constrained to the item trie (works for any
+  item mode; kept for callers that want generated sequences).
 - `ImageGridProcessor` + `generate_images`: after <|img|>, exactly grid*grid image-code tokens, then
   <|/img|>; nothing else can come out, so every generation decodes to a picture.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..tokenizers.trie import TrieLogitsProcessor
+
+
+@dataclass
+class _CodeTree:
+    """The inner nodes of the code trie (each distinct code prefix shorter than a full code), parents
+    before children: the token a node feeds, its depth (1 = a first code), which nodes it may attend
+    to (itself and its ancestors), and for every item the node of each of its proper prefixes."""
+    tokens: torch.Tensor  # (N,)
+    depth: torch.Tensor  # (N,)
+    sees: torch.Tensor  # (N, N) bool
+    prefix_node: np.ndarray  # (n_items, L - 1)
+
+
+def _code_tree(table: np.ndarray) -> _CodeTree:
+    n, levels = table.shape
+    node_of: dict[tuple, int] = {}
+    tokens, parent, depth = [], [], []
+    prefix_node = np.zeros((n, max(levels - 1, 0)), dtype=np.int64)
+    for i, row in enumerate(table.tolist()):
+        for length in range(1, levels):
+            key = tuple(row[:length])
+            j = node_of.get(key)
+            if j is None:
+                j = node_of[key] = len(tokens)
+                tokens.append(row[length - 1])
+                parent.append(node_of.get(key[:-1], -1))
+                depth.append(length)
+            prefix_node[i, length - 1] = j
+    sees = torch.zeros(len(tokens), len(tokens), dtype=torch.bool)
+    for j in range(len(tokens)):
+        k = j
+        while k >= 0:
+            sees[j, k] = True
+            k = parent[k]
+    return _CodeTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(depth, dtype=torch.long), sees, prefix_node)
+
+
+_TREES: dict[int, tuple[np.ndarray, _CodeTree]] = {}
+
+
+def _tree_for(item_tokenizer) -> tuple[np.ndarray, _CodeTree]:
+    table = np.asarray(item_tokenizer.id_table)
+    key = id(item_tokenizer)
+    hit = _TREES.get(key)
+    if hit is None or hit[0].shape != table.shape or not np.array_equal(hit[0], table):
+        hit = _TREES[key] = (table, _code_tree(table))
+    return hit
+
+
+@torch.no_grad()
+def score_semantic_items(model, item_tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         pixel_values=None, content_item_ids=None, exclude: list[list[int]] | None = None) -> torch.Tensor:
+    """(B, n_items): log p(item's codes | prompt) for every item, the sum of its code tokens'
+    log-probabilities over the full vocabulary (the end token after the last code is left out: every
+    item has one, and it says nothing about which item). Prompts are left-padded (they end where the
+    answer starts). Two passes: the prompts, then every inner trie node at once on top of the
+    prompts' cache with a tree mask. `exclude[b]` item indices get -inf."""
+    table, tree = _tree_for(item_tokenizer)
+    b, t = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("score_semantic_items needs left-padded prompts (each row's last token is real)")
+    positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+    out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                      pixel_values=pixel_values, content_item_ids=content_item_ids, use_cache=True)
+    head = model.get_output_embeddings()
+    logp = head(out.last_hidden_state[:, -1]).float().log_softmax(-1)
+    codes = torch.as_tensor(table, dtype=torch.long)
+    scores = logp[:, codes[:, 0]]
+    if table.shape[1] > 1:
+        n = len(tree.tokens)
+        sees = torch.cat([attention_mask.bool()[:, None, None, :].expand(b, 1, n, t),
+                          tree.sees[None, None].expand(b, 1, n, n)], dim=-1)
+        dtype = out.last_hidden_state.dtype
+        mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)
+        node_pos = positions[:, -1:] + tree.depth[None]
+        h = model.model(input_ids=tree.tokens[None].expand(b, n), attention_mask=mask, position_ids=node_pos,
+                        cache=out.cache, use_cache=True).last_hidden_state
+        node_logp = head(h).float().log_softmax(-1)  # (B, N, V)
+        for level in range(1, table.shape[1]):
+            scores = scores + node_logp[:, tree.prefix_node[:, level - 1], codes[:, level]]
+    if exclude:
+        for row, items in enumerate(exclude):
+            if items:
+                scores[row, torch.as_tensor(items, dtype=torch.long)] = float("-inf")
+    return scores
 
 
 @torch.no_grad()

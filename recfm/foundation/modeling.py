@@ -437,11 +437,11 @@ class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
         """(B, n_items) scores for the item that answers each prompt (prompts end where the answer
         starts, e.g. with <|assistant|>), in one forward pass. Atomic: the logit of each item token;
         content: the ranking head against every item's content vector. `exclude[b]` item indices get
-        -inf (a user's own history). Semantic ids rank by a beam over the trie instead
-        (recfm.foundation.generation.beam_items)."""
+        -inf (a user's own history). Semantic ids need a pass over the code trie as well
+        (recfm.foundation.generation.score_semantic_items)."""
         cfg = self.config
         if cfg.item_mode == "semantic":
-            raise ValueError("semantic ids are ranked by a beam over the trie: use generation.beam_items")
+            raise ValueError("semantic ids are scored over the code trie: use generation.score_semantic_items")
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                          content_item_ids=content_item_ids)
         if attention_mask is None:

@@ -445,7 +445,7 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
         check_model(body.model)
         history = history_of(body.history)
         try:
-            if service.model.config.item_mode == "semantic":  # a beam over the trie, between engine steps
+            if service.model.config.item_mode == "semantic":  # a pass over the code trie, between engine steps
                 ranked = await engine.call(lambda _: service.recommend(history, body.k, body.exclude_seen,
                                                                        body.allowed_items, body.template))
             else:  # one forward pass through the engine: batched with other requests, prefix cache included

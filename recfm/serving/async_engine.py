@@ -148,7 +148,7 @@ class AsyncEngine:
                 return
             if msg is None:
                 continue
-            if msg[0] == "call":  # model work outside a step (a beam search, say) goes to a worker thread, so the
+            if msg[0] == "call":  # model work outside a step (semantic-id scoring, say) goes to a worker thread, so the
                 # loop keeps answering HTTP meanwhile; the engine waits for it, so the model is still used by one
                 await asyncio.to_thread(self._handle, msg)
             else:

@@ -191,11 +191,11 @@ class Service:
         """(prompt, scorer) for a top-k request that runs through the engine: when the prompt is
         computed, the scorer ranks the whole catalogue from the answer position in the same pass
         (atomic ids: the item tokens' logits; content ids: the ranking head against every item's
-        content vector) and returns [(item_id, score)], best first. Semantic ids have no full-ranking
-        head (see `recommend`)."""
+        content vector) and returns [(item_id, score)], best first. Semantic ids need a second pass
+        over the code trie, outside the engine (see `recommend`)."""
         cfg, items = self.model.config, self.tok.items
         if cfg.item_mode == "semantic":
-            raise ValueError("semantic ids are ranked by a beam over the trie: use recommend()")
+            raise ValueError("semantic ids are scored outside the engine: use recommend()")
         if template == ID_SEQUENCE:  # identifiers only, as pretraining's id_sequence rows: no template text
             ids = [i for i, _ in self.checked_history(history)]
             prompt = self.encoded_prompt(id_sequence_prompt(ids, self.ctx))
@@ -211,17 +211,10 @@ class Service:
         @torch.no_grad()
         def scorer(hidden: torch.Tensor, logits: torch.Tensor) -> list[tuple[str, float]]:
             if cfg.item_mode == "atomic":
-                scores = logits[cfg.item_token_offset : cfg.item_token_offset + cfg.n_items].float().clone()
+                scores = logits[cfg.item_token_offset : cfg.item_token_offset + cfg.n_items]
             else:
-                scores = (self.model.item_head(hidden) @ self.catalogue_vectors().T).float()
-            if excluded:
-                scores[excluded] = float("-inf")
-            if allowed is not None:
-                keep = torch.full_like(scores, float("-inf"))
-                keep[allowed] = scores[allowed]
-                scores = keep
-            top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
-            return [(items.item_id(int(i)), float(v)) for v, i in zip(top.values, top.indices)]
+                scores = self.model.item_head(hidden) @ self.catalogue_vectors().T
+            return _top_items(items, scores, k, excluded, allowed)
 
         return prompt, scorer
 
@@ -236,8 +229,9 @@ class Service:
     def recommend(self, history: list, k: int = 10, exclude_seen: bool = True, allowed_items: list[str] | None = None,
                   template: str = "next-1") -> list[tuple[str, float]]:
         """Top-k items for a history, on the calling thread: through the engine (one request) for
-        atomic and content ids, by a beam over the trie for semantic ids."""
-        from ..foundation.generation import beam_items
+        atomic and content ids; for semantic ids, every item's exact code-sequence log-probability
+        (`score_semantic_items`: the prompt, then the code trie's inner nodes in one more pass)."""
+        from ..foundation.generation import score_semantic_items
 
         if self.model.config.item_mode != "semantic":
             prompt, scorer = self.recommend_request(history, k, exclude_seen, allowed_items, template)
@@ -247,23 +241,35 @@ class Service:
                 for out in self.engine.step():
                     if out.request_id == rid and out.finished:
                         return out.result
+        items = self.tok.items
         if template == ID_SEQUENCE:
-            raise BadInput("the identifier-sequence view ranks atomic and content ids; this model has semantic ids",
-                           "template")
-        messages = self.history_messages(history, template)
-        prompt, _ = self.prompt(messages)
-        seen = {h if isinstance(h, str) else h["item_id"] for h in history} if exclude_seen else set()
+            prompt = self.encoded_prompt(id_sequence_prompt([i for i, _ in self.checked_history(history)], self.ctx))
+        else:
+            prompt, _ = self.prompt(self.history_messages(history, template))
+        if allowed_items is not None:
+            for i in allowed_items:
+                self.check_item(i, "allowed_items")
         pix = None
         if prompt.images:
             pix = self.model.model.normalize_pixels(torch.stack([px if px is not None else self.item_images(ref.removeprefix("item:"))
                                                                  for _, ref, px in prompt.images]))
-        if allowed_items is not None:
-            for i in allowed_items:
-                self.check_item(i, "allowed_items")
-        found = beam_items(self.model, self.tok.items, torch.tensor([prompt.token_ids]), k=k + len(seen), pixel_values=pix,
-                           end_token_id=self.end_id)[0]
-        found = [i for i in found if i not in seen and (allowed_items is None or i in allowed_items)]
-        return [(i, float(-r)) for r, i in enumerate(found[:k])]
+        seen = [items.index(h if isinstance(h, str) else h["item_id"]) for h in history] if exclude_seen else []
+        allowed = None if allowed_items is None else torch.tensor([items.index(i) for i in allowed_items], dtype=torch.long)
+        scores = score_semantic_items(self.model, items, torch.tensor([prompt.token_ids]), pixel_values=pix)[0]
+        return _top_items(items, scores, k, seen, allowed)
+
+
+def _top_items(items, scores: torch.Tensor, k: int, excluded: list[int], allowed: torch.Tensor | None) -> list[tuple[str, float]]:
+    """[(item_id, score)] of the k best items, best first, over `allowed` (all if None) less `excluded`."""
+    scores = scores.float().clone()
+    if excluded:
+        scores[excluded] = float("-inf")
+    if allowed is not None:
+        keep = torch.full_like(scores, float("-inf"))
+        keep[allowed] = scores[allowed]
+        scores = keep
+    top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
+    return [(items.item_id(int(i)), float(v)) for v, i in zip(top.values, top.indices)]
 
 
 def _bare_context(tok, cfg, max_tokens):
