@@ -489,9 +489,9 @@ def test_score_items_content_is_the_head_against_each_item(world):
     assert one_by_one.std() > 0  # items differ (their content differs)
 
 
-def test_semantic_mode_has_no_full_ranking_head(world):
+def test_semantic_mode_points_to_the_trie_scorer(world):
     model = make_model(world, "semantic", "early")
-    with pytest.raises(ValueError, match="beam over the trie"):
+    with pytest.raises(ValueError, match="score_semantic_items"):
         model.score_items(torch.tensor([[1, 2, 3]]))
 
 
