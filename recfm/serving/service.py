@@ -196,17 +196,7 @@ class Service:
         cfg, items = self.model.config, self.tok.items
         if cfg.item_mode == "semantic":
             raise ValueError("semantic ids are scored outside the engine: use recommend()")
-        if template == ID_SEQUENCE:  # identifiers only, as pretraining's id_sequence rows: no template text
-            ids = [i for i, _ in self.checked_history(history)]
-            prompt = self.encoded_prompt(id_sequence_prompt(ids, self.ctx))
-        else:
-            prompt, _ = self.prompt(self.history_messages(history, template))
-        excluded = [items.index(h if isinstance(h, str) else h["item_id"]) for h in history] if exclude_seen else []
-        allowed = None
-        if allowed_items is not None:
-            for i in allowed_items:
-                self.check_item(i, "allowed_items")
-            allowed = torch.tensor([items.index(i) for i in allowed_items], dtype=torch.long)
+        prompt, excluded, allowed = self._ranking_request(history, exclude_seen, allowed_items, template)
 
         @torch.no_grad()
         def scorer(hidden: torch.Tensor, logits: torch.Tensor) -> list[tuple[str, float]]:
@@ -241,22 +231,30 @@ class Service:
                 for out in self.engine.step():
                     if out.request_id == rid and out.finished:
                         return out.result
-        items = self.tok.items
-        if template == ID_SEQUENCE:
-            prompt = self.encoded_prompt(id_sequence_prompt([i for i, _ in self.checked_history(history)], self.ctx))
-        else:
-            prompt, _ = self.prompt(self.history_messages(history, template))
-        if allowed_items is not None:
-            for i in allowed_items:
-                self.check_item(i, "allowed_items")
+        prompt, excluded, allowed = self._ranking_request(history, exclude_seen, allowed_items, template)
         pix = None
         if prompt.images:
             pix = self.model.model.normalize_pixels(torch.stack([px if px is not None else self.item_images(ref.removeprefix("item:"))
                                                                  for _, ref, px in prompt.images]))
-        seen = [items.index(h if isinstance(h, str) else h["item_id"]) for h in history] if exclude_seen else []
-        allowed = None if allowed_items is None else torch.tensor([items.index(i) for i in allowed_items], dtype=torch.long)
-        scores = score_semantic_items(self.model, items, torch.tensor([prompt.token_ids]), pixel_values=pix)[0]
-        return _top_items(items, scores, k, seen, allowed)
+        scores = score_semantic_items(self.model, self.tok.items, torch.tensor([prompt.token_ids]), pixel_values=pix)[0]
+        return _top_items(self.tok.items, scores, k, excluded, allowed)
+
+    def _ranking_request(self, history: list, exclude_seen: bool, allowed_items: list[str] | None, template: str):
+        """A ranking request's prompt (the template's, or the identifiers alone), the item indices to
+        leave out (the history) and those allowed (None: all), each item checked."""
+        items = self.tok.items
+        if template == ID_SEQUENCE:  # identifiers only, as pretraining's id_sequence rows: no template text
+            ids = [i for i, _ in self.checked_history(history)]
+            prompt = self.encoded_prompt(id_sequence_prompt(ids, self.ctx))
+        else:
+            prompt, _ = self.prompt(self.history_messages(history, template))
+        excluded = [items.index(h if isinstance(h, str) else h["item_id"]) for h in history] if exclude_seen else []
+        allowed = None
+        if allowed_items is not None:
+            for i in allowed_items:
+                self.check_item(i, "allowed_items")
+            allowed = torch.tensor([items.index(i) for i in allowed_items], dtype=torch.long)
+        return prompt, excluded, allowed
 
 
 def _top_items(items, scores: torch.Tensor, k: int, excluded: list[int], allowed: torch.Tensor | None) -> list[tuple[str, float]]:
