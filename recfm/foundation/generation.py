@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList
 
 from ..tokenizers.trie import TrieLogitsProcessor
 
@@ -28,7 +28,7 @@ class _CodeTree:
     to (itself and its ancestors), and for every item the node of each of its proper prefixes."""
     tokens: torch.Tensor  # (N,)
     depth: torch.Tensor  # (N,)
-    sees: torch.Tensor  # (N, N) bool
+    path: torch.Tensor  # (N, L - 1): the node's ancestors from the root down, then itself, then -1 padding
     prefix_node: np.ndarray  # (n_items, L - 1)
 
 
@@ -47,13 +47,57 @@ def _code_tree(table: np.ndarray) -> _CodeTree:
                 parent.append(node_of.get(key[:-1], -1))
                 depth.append(length)
             prefix_node[i, length - 1] = j
-    sees = torch.zeros(len(tokens), len(tokens), dtype=torch.bool)
+    path = torch.full((len(tokens), max(levels - 1, 1)), -1, dtype=torch.long)
     for j in range(len(tokens)):
         k = j
         while k >= 0:
-            sees[j, k] = True
+            path[j, depth[k] - 1] = k
             k = parent[k]
-    return _CodeTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(depth, dtype=torch.long), sees, prefix_node)
+    return _CodeTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(depth, dtype=torch.long), path, prefix_node)
+
+
+TREE_ATTENTION = "recfm_code_tree"
+
+
+def _tree_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, code_tree=None,
+                            **kwargs):
+    """Attention of the code trie's nodes (transformers' attention interface). Each node sees every
+    real prompt token and its own path from the root (at most L - 1 nodes), so it is computed in two
+    parts and merged by their log-sum-exps: nodes x prompt by one fused attention call, nodes x path
+    by gathering each node's few path keys. One masked nodes x (prompt + all nodes) call would spend
+    most of its work on pairs the mask throws away. query (B, H, N, d); key and value
+    (B, kv_heads, T + N, d), the prompt's cached keys first. Returns (B, N, H, d)."""
+    path, prompt_mask = code_tree
+    b, h, n, d = query.shape
+    t = key.shape[2] - n
+    group = h // key.shape[1]
+    if group > 1:
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    scale = scaling if scaling is not None else d ** -0.5
+    kp, vp, kn, vn = key[:, :, :t], value[:, :, :t], key[:, :, t:], value[:, :, t:]
+    bias = torch.zeros(b, 1, 1, t, dtype=query.dtype, device=query.device).masked_fill_(
+        ~prompt_mask[:, None, None, :], float("-inf"))
+    if query.device.type == "cpu":
+        out_prompt, lse_prompt = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, kp, vp, 0.0, False, attn_mask=bias, scale=scale)
+    else:
+        s = torch.matmul(query, kp.transpose(-1, -2)).float() * scale + bias.float()
+        lse_prompt = s.logsumexp(-1)
+        out_prompt = torch.matmul((s - lse_prompt[..., None]).exp().to(vp.dtype), vp)
+    steps = []  # (score, value) of each step along the path
+    for p in range(path.shape[1]):
+        node = path[:, p]
+        k_p, v_p = kn[:, :, node.clamp(min=0)], vn[:, :, node.clamp(min=0)]
+        score = (query * k_p).sum(-1).float() * scale
+        steps.append((score.masked_fill_(node < 0, float("-inf")), v_p))
+    lse = torch.logaddexp(lse_prompt, torch.stack([s for s, _ in steps], -1).logsumexp(-1))  # (B, H, N)
+    out = out_prompt.float() * (lse_prompt - lse).exp()[..., None]
+    for score, v_p in steps:
+        out = out + (score - lse).exp()[..., None] * v_p.float()
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(TREE_ATTENTION, _tree_attention_forward)
 
 
 _TREES: dict[int, tuple[np.ndarray, _CodeTree]] = {}
@@ -91,16 +135,20 @@ def score_semantic_items(model, item_tokenizer, input_ids: torch.Tensor, attenti
     scores = logp[:, codes[:, 0]]
     if table.shape[1] > 1:
         n = len(tree.tokens)
-        sees = torch.cat([attention_mask.bool()[:, None, None, :].expand(b, 1, n, t),
-                          tree.sees[None, None].expand(b, 1, n, n)], dim=-1)
-        dtype = out.last_hidden_state.dtype
-        mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min)
         node_pos = positions[:, -1:] + tree.depth[None]
-        h = model.model(input_ids=tree.tokens[None].expand(b, n), attention_mask=mask, position_ids=node_pos,
-                        cache=out.cache, use_cache=True).last_hidden_state
-        node_logp = head(h).float().log_softmax(-1)  # (B, N, V)
+        lm_config = model.model.language_model.config
+        before = lm_config._attn_implementation
+        lm_config._attn_implementation = TREE_ATTENTION  # no mask is built: the tree attention knows who sees what
+        try:
+            h = model.model(input_ids=tree.tokens[None].expand(b, n), position_ids=node_pos, cache=out.cache,
+                            use_cache=True, code_tree=(tree.path, attention_mask.bool())).last_hidden_state
+        finally:
+            lm_config._attn_implementation = before
+        logits = head(h).float()  # (B, N, V)
+        logz = logits.logsumexp(-1)
         for level in range(1, table.shape[1]):
-            scores = scores + node_logp[:, tree.prefix_node[:, level - 1], codes[:, level]]
+            node = torch.as_tensor(tree.prefix_node[:, level - 1])
+            scores = scores + logits[:, node, codes[:, level]] - logz[:, node]
     if exclude:
         for row, items in enumerate(exclude):
             if items:
