@@ -63,7 +63,7 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
         stages[0] = work / (f"{ID_STAGES[variant][0]}-s{seed}" + ("-cold" if args.split == "cold_items" else "") + "-pre")
     if args.reuse and (final / "run.json").exists():  # evaluate a run this script trained before
         runtime = sum(json.loads((d / "run.json").read_text())["train_runtime_s"] for d in [final, *stages])
-        report = evaluate(final, domain_dir, tasks=["next_item"], seed=seed, progress=False, split=args.split)
+        report = evaluate(final, domain_dir, tasks=["next_item"], seed=seed, progress=True, split=args.split)
         return result(report, runtime)
     t0 = time.perf_counter()
     if (stages[0] / "run.json").exists() and variant in ID_STAGES:
@@ -86,7 +86,7 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
             **(ID_STAGES[variant][2] if variant in ID_STAGES else {})}
     run = train(TrainConfig(stage="tune", init_from=str(pre), output=str(final), **tune), progress=False)
     train_s = time.perf_counter() - t0
-    report = evaluate(run, domain_dir, tasks=["next_item"], seed=seed, progress=False, split=args.split)
+    report = evaluate(run, domain_dir, tasks=["next_item"], seed=seed, progress=True, split=args.split)
     return result(report, train_s)
 
 

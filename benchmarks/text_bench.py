@@ -2,7 +2,7 @@
 retrieval baseline (the training review most similar to the request) and the user/item mean rating.
 
     python benchmarks/text_bench.py [--input ../shared/data/amazon-musical-instruments-5core]
-        [--seeds 0] [--pretrain-steps N --tune-steps N --max-users N]
+        [--seeds 0] [--pretrain-steps N --tune-steps N --max-users N] [--name STEM]
 
 Leave-one-out by time; the test review of each user is the reference. The converted domain, the
 tokenizers and the runs go under --work (default ~/.cache/recfm/bench), never into the repository.
@@ -41,6 +41,7 @@ def main():
     ap.add_argument("--max-users", type=int, default=300, help="test users evaluated (generation is the slow part)")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "recfm" / "bench")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--name", help="result file stem (default text_<domain>)")
     args = ap.parse_args()
     if not args.input.exists():
         sys.exit(f"{args.input} is missing: this benchmark needs the Amazon reviews data (see ../shared/data/README.md)")
@@ -64,11 +65,11 @@ def main():
         common = dict(domain=str(data_dir), preset=args.preset, seed=seed, batch_size=8, logging_steps=20,
                       save_steps=10_000, max_history=args.max_history, max_tokens=1024)
         t0 = time.perf_counter()
-        pre = work / f"s{seed}-pre"
+        pre = work / f"s{seed}-p{args.pretrain_steps}-pre"  # runs of other step counts are not reused
         if not (pre / "run.json").exists():
             train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(pre), vision=None,
                               max_steps=args.pretrain_steps, lr=2e-3, **common), progress=False)
-        run = work / f"s{seed}"
+        run = work / f"s{seed}-p{args.pretrain_steps}-t{args.tune_steps}"
         if not (run / "run.json").exists():
             train(TrainConfig(stage="tune", init_from=str(pre), output=str(run), max_steps=args.tune_steps, lr=1e-3,
                               tasks={"explanation": 1.0, "review": 1.0, "rating": 1.0}, **common), progress=False)
@@ -109,7 +110,7 @@ def main():
     for key, r in raw["runs"].items():
         lines += ["", f"{key}: training {r['train_s']:.0f} s, evaluation {r['eval_s']:.0f} s."]
     lines += ["", f"Machine: {json.dumps(machine)}", f"Settings: {json.dumps(raw['settings'])}"]
-    stem = write_result(f"text_{domain.name}", "\n".join(lines), raw, args.out)
+    stem = write_result(args.name or f"text_{domain.name}", "\n".join(lines), raw, args.out)
     plot(rows, stem.with_suffix(".png"), domain.name)
     print("\n".join(lines))
 
