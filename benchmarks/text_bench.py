@@ -36,7 +36,7 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--pretrain-steps", type=int, default=200)
-    ap.add_argument("--tune-steps", type=int, default=300)
+    ap.add_argument("--tune-steps", type=int, default=1000, help="300 left the model answering \"5\" to every text request")
     ap.add_argument("--max-history", type=int, default=10)
     ap.add_argument("--max-users", type=int, default=300, help="test users evaluated (generation is the slow part)")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "recfm" / "bench")
