@@ -62,12 +62,10 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
     if variant in ID_STAGES:  # continue the base variant's pretraining run of this seed
         stages[0] = work / (f"{ID_STAGES[variant][0]}-s{seed}" + ("-cold" if args.split == "cold_items" else "") + "-pre")
     if args.reuse and (final / "run.json").exists():  # evaluate a run this script trained before
-        steps = {"pretraining": (stages[0], args.pretrain_steps), "tuning": (final, args.tune_steps)}
-        for stage, (folder, wanted) in steps.items():  # the table states these step counts: they must be the run's
-            done = json.loads((folder / "run.json").read_text())["steps"]
+        for flag, folder, wanted in (("pretrain", stages[0], args.pretrain_steps), ("tune", final, args.tune_steps)):
+            done = json.loads((folder / "run.json").read_text())["steps"]  # the table states the step counts
             if done != wanted:
-                raise SystemExit(f"{folder} ran {done} {stage} steps, not the {wanted} this command states "
-                                 f"(pass --{'pretrain' if stage == 'pretraining' else 'tune'}-steps {done})")
+                raise SystemExit(f"{folder} ran {done} steps, not the {wanted} this command states (pass --{flag}-steps {done})")
         runtime = sum(json.loads((d / "run.json").read_text())["train_runtime_s"] for d in [final, *stages])
         report = evaluate(final, domain_dir, tasks=["next_item"], seed=seed, progress=True, split=args.split)
         return result(report, runtime)

@@ -69,32 +69,34 @@ def _tree_attention_forward(module, query, key, value, attention_mask, dropout=0
     (B, kv_heads, T + N, d), the prompt's cached keys first. Returns (B, N, H, d)."""
     path, prompt_mask = code_tree
     b, h, n, d = query.shape
+    kvh = key.shape[1]
     t = key.shape[2] - n
-    group = h // key.shape[1]
-    if group > 1:
-        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     scale = scaling if scaling is not None else d ** -0.5
+    # the query heads that share a key head side by side, so keys and values are never copied per head
+    q = query.reshape(b, kvh, (h // kvh) * n, d)
     kp, vp, kn, vn = key[:, :, :t], value[:, :, :t], key[:, :, t:], value[:, :, t:]
     bias = torch.zeros(b, 1, 1, t, dtype=query.dtype, device=query.device).masked_fill_(
         ~prompt_mask[:, None, None, :], float("-inf"))
     if query.device.type == "cpu":
         out_prompt, lse_prompt = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, kp, vp, 0.0, False, attn_mask=bias, scale=scale)
+            q, kp, vp, 0.0, False, attn_mask=bias, scale=scale)
     else:
-        s = torch.matmul(query, kp.transpose(-1, -2)).float() * scale + bias.float()
+        s = torch.matmul(q, kp.transpose(-1, -2)).float() * scale + bias.float()
         lse_prompt = s.logsumexp(-1)
         out_prompt = torch.matmul((s - lse_prompt[..., None]).exp().to(vp.dtype), vp)
-    steps = []  # (score, value) of each step along the path
+    q = q.view(b, kvh, h // kvh, n, d)
+    steps = []  # (score, value) of each step along the path, per query head: (B, kvh, group, N) and (B, kvh, 1, N, d)
     for p in range(path.shape[1]):
         node = path[:, p]
-        k_p, v_p = kn[:, :, node.clamp(min=0)], vn[:, :, node.clamp(min=0)]
-        score = (query * k_p).sum(-1).float() * scale
+        k_p, v_p = kn[:, :, None, node.clamp(min=0)], vn[:, :, None, node.clamp(min=0)]
+        score = (q * k_p).sum(-1).float() * scale
         steps.append((score.masked_fill_(node < 0, float("-inf")), v_p))
-    lse = torch.logaddexp(lse_prompt, torch.stack([s for s, _ in steps], -1).logsumexp(-1))  # (B, H, N)
-    out = out_prompt.float() * (lse_prompt - lse).exp()[..., None]
+    lse_prompt = lse_prompt.view(b, kvh, h // kvh, n)
+    lse = torch.logaddexp(lse_prompt, torch.stack([s for s, _ in steps], -1).logsumexp(-1))
+    out = out_prompt.float().view(b, kvh, h // kvh, n, d) * (lse_prompt - lse).exp()[..., None]
     for score, v_p in steps:
         out = out + (score - lse).exp()[..., None] * v_p.float()
-    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    return out.to(query.dtype).reshape(b, h, n, d).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(TREE_ATTENTION, _tree_attention_forward)
