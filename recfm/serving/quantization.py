@@ -15,7 +15,7 @@ Options, each measured on this project's CPU benchmark (`benchmarks/quant_bench.
   the batch); an fp32 answer does not.
 - `nf4`, `fp4`: the decoder's linear layers as bitsandbytes 4-bit weights (blocks of 64, their
   scales double-quantized by bitsandbytes and kept dequantized in fp32 beside them), multiplied
-  by recfm's native kernel straight from the packed codes for up to 8 rows (decoding a few
+  by recfm's native kernel straight from the packed codes for up to 32 rows (decoding up to 32
   sequences) and dequantized per call by bitsandbytes above that; the token embeddings as 4-bit rows (two per byte, an fp16
   scale and offset per group of 64); the output head, vision tower and projector in int8 as above.
   The head stays at 8 bits because its rows are the item scores.
@@ -119,7 +119,7 @@ class Linear4bit(nn.Module):
     bitsandbytes (dequantize, then a matrix product). Both compute code[nibble] * absmax with the same
     absmax (bitsandbytes' double-quantized block scales, dequantized once here and kept in fp32)."""
 
-    ROWS = 8
+    ROWS = 32  # the kernel beat bitsandbytes' dequantize-then-multiply up to 32 rows and tied at 64 (Xeon, k x n 384-3072)
 
     def __init__(self, bnb_linear):
         super().__init__()
