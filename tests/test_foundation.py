@@ -422,6 +422,28 @@ def test_semantic_scores_are_each_items_exact_log_probability(world, fusion):
     assert items.item_ids[int(scores[1].argmax())] in best[1][:3]
 
 
+@pytest.mark.parametrize("fusion", ["early", "cross_attention"])
+def test_semantic_scores_in_several_tree_passes_equal_one_pass(world, fusion):
+    """A catalogue whose trie has more inner nodes than one pass takes is scored in runs of items,
+    each with its own trie over the same prompt cache (cut back after each run): every score is the
+    same as from one pass over the whole trie."""
+    from recfm.foundation.generation import _trees_for
+
+    model = make_model(world, "semantic", fusion).eval()
+    with torch.no_grad():
+        for blk in model.model.cross_attn.values():
+            blk.attn_gate.fill_(1.0)
+    items = world.tokenizers("semantic").items
+    prompts = encode(world, model, "semantic", world.rows("next_item", n=3), prompt_only=True)
+    batch = without(collate(world, model, prompts, left_pad=True), "labels")
+    args = (model, items, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"))
+    whole = score_semantic_items(*args)
+    table, runs = _trees_for(items, 3)
+    assert len(runs) > 2 and all(len(tree.tokens) <= 3 for _, tree in runs)
+    assert sorted(np.concatenate([r for r, _ in runs]).tolist()) == list(range(len(table)))  # every item once
+    torch.testing.assert_close(score_semantic_items(*args, max_nodes=3), whole, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode,fusion", [("atomic", "early"), ("content", "cross_attention")])
 def test_beam_search_gives_each_beam_its_own_rows_images(world, mode, fusion):
     """Beam search copies each prompt num_beams times; a prompt's images (and content items) must be

@@ -102,27 +102,60 @@ def _tree_attention_forward(module, query, key, value, attention_mask, dropout=0
 AttentionInterface.register(TREE_ATTENTION, _tree_attention_forward)
 
 
-_TREES: dict[int, tuple[np.ndarray, _CodeTree]] = {}
+_TREES: dict[tuple[int, int], tuple[np.ndarray, list[tuple[np.ndarray, _CodeTree]]]] = {}
+
+# Inner trie nodes one tree pass feeds per prompt. The pass holds (prompts x nodes x vocabulary) logits,
+# so a catalogue with more nodes is scored in several passes over the same prompt cache, each over a
+# run of items in code order with its own trie (their shared ancestors computed again in each).
+MAX_TREE_NODES = 4096
 
 
-def _tree_for(item_tokenizer) -> tuple[np.ndarray, _CodeTree]:
+def _chunks(table: np.ndarray, max_nodes: int) -> list[np.ndarray]:
+    """Item indices in code order, cut into runs whose tries have at most max_nodes inner nodes (an
+    item alone never exceeds L - 1)."""
+    levels = table.shape[1]
+    order = np.lexsort(table.T[::-1])
+    runs, run, seen = [], [], set()
+    for i in order.tolist():
+        new = [tuple(table[i, :k]) for k in range(1, levels) if tuple(table[i, :k]) not in seen]
+        if run and len(seen) + len(new) > max_nodes:
+            runs.append(np.asarray(run))
+            run, seen = [], set()
+            new = [tuple(table[i, :k]) for k in range(1, levels)]
+        run.append(i)
+        seen.update(new)
+    if run:
+        runs.append(np.asarray(run))
+    return runs
+
+
+def _trees_for(item_tokenizer, max_nodes: int) -> tuple[np.ndarray, list[tuple[np.ndarray, _CodeTree]]]:
+    """The id table and, for each run of items (all items in one run when the trie fits), the run's
+    item indices and trie."""
     table = np.asarray(item_tokenizer.id_table)
-    key = id(item_tokenizer)
+    key = (id(item_tokenizer), max_nodes)
     hit = _TREES.get(key)
     if hit is None or hit[0].shape != table.shape or not np.array_equal(hit[0], table):
-        hit = _TREES[key] = (table, _code_tree(table))
+        whole = _code_tree(table)
+        if len(whole.tokens) <= max_nodes:
+            trees = [(np.arange(len(table)), whole)]
+        else:
+            trees = [(idx, _code_tree(table[idx])) for idx in _chunks(table, max_nodes)]
+        hit = _TREES[key] = (table, trees)
     return hit
 
 
 @torch.no_grad()
 def score_semantic_items(model, item_tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                         pixel_values=None, content_item_ids=None, exclude: list[list[int]] | None = None) -> torch.Tensor:
+                         pixel_values=None, content_item_ids=None, exclude: list[list[int]] | None = None,
+                         max_nodes: int = MAX_TREE_NODES) -> torch.Tensor:
     """(B, n_items): log p(item's codes | prompt) for every item, the sum of its code tokens'
     log-probabilities over the full vocabulary (the end token after the last code is left out: every
     item has one, and it says nothing about which item). Prompts are left-padded (they end where the
     answer starts). Two passes: the prompts, then every inner trie node at once on top of the
-    prompts' cache with a tree mask. `exclude[b]` item indices get -inf."""
-    table, tree = _tree_for(item_tokenizer)
+    prompts' cache with a tree mask (in runs of at most `max_nodes` nodes for a large catalogue, the
+    cache cut back to the prompts after each). `exclude[b]` item indices get -inf."""
+    table, trees = _trees_for(item_tokenizer, max_nodes)
     b, t = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -136,21 +169,27 @@ def score_semantic_items(model, item_tokenizer, input_ids: torch.Tensor, attenti
     codes = torch.as_tensor(table, dtype=torch.long)
     scores = logp[:, codes[:, 0]]
     if table.shape[1] > 1:
-        n = len(tree.tokens)
-        node_pos = positions[:, -1:] + tree.depth[None]
         lm_config = model.model.language_model.config
         before = lm_config._attn_implementation
         lm_config._attn_implementation = TREE_ATTENTION  # no mask is built: the tree attention knows who sees what
         try:
-            h = model.model(input_ids=tree.tokens[None].expand(b, n), position_ids=node_pos, cache=out.cache,
-                            use_cache=True, code_tree=(tree.path, attention_mask.bool())).last_hidden_state
+            for run, tree in trees:
+                n = len(tree.tokens)
+                node_pos = positions[:, -1:] + tree.depth[None]
+                h = model.model(input_ids=tree.tokens[None].expand(b, n), position_ids=node_pos, cache=out.cache,
+                                use_cache=True, code_tree=(tree.path, attention_mask.bool())).last_hidden_state
+                if len(trees) > 1:
+                    out.cache.crop(-n)  # the next run sees the prompts only (this run's n nodes removed)
+                logits = head(h).float()  # (B, N, V)
+                logz = logits.logsumexp(-1)
+                idx = torch.as_tensor(run, dtype=torch.long)
+                part = scores[:, idx]
+                for level in range(1, table.shape[1]):
+                    node = torch.as_tensor(tree.prefix_node[:, level - 1])
+                    part = part + logits[:, node, codes[idx, level]] - logz[:, node]
+                scores[:, idx] = part
         finally:
             lm_config._attn_implementation = before
-        logits = head(h).float()  # (B, N, V)
-        logz = logits.logsumexp(-1)
-        for level in range(1, table.shape[1]):
-            node = torch.as_tensor(tree.prefix_node[:, level - 1])
-            scores = scores + logits[:, node, codes[:, level]] - logz[:, node]
     if exclude:
         for row, items in enumerate(exclude):
             if items:
