@@ -124,6 +124,41 @@ def test_4bit_kernel_computes_what_bitsandbytes_computes(quant_type):
     torch.testing.assert_close(q(x), q.inner(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_fused_4bit_layers_give_each_layers_own_outputs_without_a_second_copy(quant_type):
+    """q/k/v (or gate/up) as 4-bit layers are multiplied in one kernel call over their concatenated
+    codes: every output is bit for bit the layer's own, at kernel sizes and at bitsandbytes' sizes, and
+    the layers' codes and scales are views into the concatenation."""
+    if not runnable(quant_type):
+        pytest.skip(f"{quant_type} cannot run on this machine")
+    from torch import nn
+
+    from recfm.serving import native
+    from recfm.serving.quantization import Linear4bit, _to_4bit, fused_4bit
+
+    if native.gemv_4bit() is None:
+        pytest.skip(f"the native kernel could not be built here: {native.error('gemv_4bit')}")
+    torch.manual_seed(0)
+    holder = nn.Module()
+    for name, out in (("q", 128), ("k", 64), ("v", 64)):
+        setattr(holder, name, nn.Linear(128, out, bias=False))
+        _to_4bit(holder, name, getattr(holder, name), quant_type)
+    mods = (holder.q, holder.k, holder.v)
+    xs = [torch.randn(rows, 128) for rows in (1, 5, Linear4bit.ROWS + 3)]
+    want = [[m(x) for m in mods] for x in xs]
+    run = fused_4bit(mods)
+    assert run is not None
+    for x, ws in zip(xs, want):
+        for got, w in zip(run(x), ws):
+            assert torch.equal(got, w)
+        for m, w in zip(mods, ws):  # the layers alone, now reading views, still answer the same
+            assert torch.equal(m(x), w)
+    bases = {m.inner.weight.data.untyped_storage().data_ptr() for m in mods}
+    assert len(bases) == 1 and len({m.absmax.untyped_storage().data_ptr() for m in mods}) == 1
+    plain = nn.Linear(128, 8)
+    assert fused_4bit((holder.q, plain)) is None  # not all 4-bit: the caller calls the modules
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_embedding_rows_are_close_and_shaped(bits):
     torch.manual_seed(0)

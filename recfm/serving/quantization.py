@@ -27,6 +27,8 @@ engine) is an error when the model is loaded, never later.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -150,6 +152,41 @@ class Linear4bit(nn.Module):
         if self.inner.bias is not None:
             out = out + self.inner.bias
         return out.view(*x.shape[:-1], self.out_features)
+
+
+def fused_4bit(mods) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None:
+    """One kernel call for 4-bit layers that read the same input (q/k/v, gate/up), as the decoder pass
+    fuses plain linear layers: their packed codes and block scales are concatenated once and each
+    layer's own tensors become views into the concatenation (no second copy; bitsandbytes' path, used
+    above `Linear4bit.ROWS` rows, reads the same bytes). Codes are packed row by row and the blocks lie
+    inside rows, so the concatenation is exactly the 4-bit matrix of the stacked weights, and every
+    output is the one the layer alone computes. None when the layers cannot be fused."""
+    first = mods[0]
+    if len(mods) < 2 or not all(isinstance(m, Linear4bit) and m.kernel is not None for m in mods):
+        return None
+    if any(m.in_features != first.in_features or m.block != first.block or m.inner.bias is not None
+           or not torch.equal(m.code, first.code) for m in mods):
+        return None
+    packed = torch.cat([m.inner.weight.data.reshape(-1) for m in mods])
+    absmax = torch.cat([m.absmax for m in mods])
+    at_p = at_a = 0
+    for m in mods:
+        w = m.inner.weight
+        n_p, n_a = w.data.numel(), m.absmax.numel()
+        w.data = packed[at_p:at_p + n_p].view(w.data.shape)
+        m.absmax = absmax[at_a:at_a + n_a]
+        at_p, at_a = at_p + n_p, at_a + n_a
+    sizes = [m.out_features for m in mods]
+    k, n = first.in_features, sum(sizes)
+
+    def run(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rows = h.numel() // k
+        if rows > first.ROWS or h.dtype != torch.float32:
+            return tuple(m(h) for m in mods)
+        out = first.kernel(h.reshape(rows, k), packed, absmax, first.code, n, first.block)
+        return out.view(*h.shape[:-1], n).split(sizes, dim=-1)
+
+    return run
 
 
 def _to_4bit(parent: nn.Module, name: str, lin: nn.Linear, quant_type: str) -> None:
