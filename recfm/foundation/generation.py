@@ -113,17 +113,15 @@ MAX_TREE_NODES = 4096
 def _chunks(table: np.ndarray, max_nodes: int) -> list[np.ndarray]:
     """Item indices in code order, cut into runs whose tries have at most max_nodes inner nodes (an
     item alone never exceeds L - 1)."""
-    levels = table.shape[1]
-    order = np.lexsort(table.T[::-1])
+    rows = table.tolist()
     runs, run, seen = [], [], set()
-    for i in order.tolist():
-        new = [tuple(table[i, :k]) for k in range(1, levels) if tuple(table[i, :k]) not in seen]
-        if run and len(seen) + len(new) > max_nodes:
+    for i in np.lexsort(table.T[::-1]).tolist():
+        prefixes = [tuple(rows[i][:k]) for k in range(1, table.shape[1])]
+        if run and len(seen) + sum(p not in seen for p in prefixes) > max_nodes:
             runs.append(np.asarray(run))
             run, seen = [], set()
-            new = [tuple(table[i, :k]) for k in range(1, levels)]
         run.append(i)
-        seen.update(new)
+        seen.update(prefixes)
     if run:
         runs.append(np.asarray(run))
     return runs

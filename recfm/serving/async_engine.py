@@ -3,8 +3,8 @@
 - `loop="inline"` (the default): the engine steps as a task on the server's own event loop, as vLLM's
   first async engine did. Between two steps the loop takes a few turns (`await asyncio.sleep(0)`,
   `TURNS_BETWEEN_STEPS`), so the answers of a step go out and new requests come in, then the next step
-  runs. One thread runs
-  Python; during a step the matrix work still spreads over every core through torch's thread pool.
+  runs. One thread runs Python; during a step the matrix work still spreads over every core through
+  torch's thread pool.
 - `loop="thread"`: the engine steps on a thread of its own while the event loop serves HTTP. Both
   threads run Python, so they take turns at the interpreter lock: each torch call of the step
   releases it and must take it back. On this project's 2-core machine the inline loop gave 1.2x the

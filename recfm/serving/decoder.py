@@ -25,8 +25,9 @@ MLP, residuals; the norms are the model's own modules) with changes that do not 
   batch up to 64) up before the first request.
 
 Projections that are not plain `nn.Linear` are called as modules, unfused (int8), or, for 4-bit
-layers, fused the same way in recfm's 4-bit kernel (`quantization.fused_4bit`). A decoder this pass does not know (extra norms inside attention, a different activation,
-sliding windows) is reported by `unsupported`, and the runner goes through the modules instead.
+layers, fused the same way in recfm's 4-bit kernel (`quantization.fused_4bit`). A decoder this pass
+does not know (extra norms inside attention, a different activation, sliding windows) is reported by
+`unsupported`, and the runner goes through the modules instead.
 The gated cross-attention blocks of cross-attention fusion run before their layer, as their forward
 pre-hook does in a full forward pass.
 """

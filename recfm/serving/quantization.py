@@ -143,15 +143,21 @@ class Linear4bit(nn.Module):
         if self.kernel is not None or self.in_features % self.block or self.out_features % 32:
             bnb_linear.support_avx512bf16_for_cpu = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def kernel_product(self, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int) -> torch.Tensor | None:
+        """x (..., in_features) times the 4-bit matrix of `n` output rows given by its packed codes and
+        block scales (this layer's own, or several layers' concatenated: `fused_4bit`), by the kernel;
+        None when x belongs on bitsandbytes' path (more than ROWS rows, not fp32, or no kernel here)."""
         rows = x.numel() // self.in_features
         if self.kernel is None or rows > self.ROWS or x.dtype != torch.float32:
+            return None
+        out = self.kernel(x.reshape(rows, self.in_features), packed, absmax, self.code, n, self.block)
+        return out.view(*x.shape[:-1], n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.kernel_product(x, self.inner.weight.data.view(-1), self.absmax, self.out_features)
+        if out is None:
             return self.inner(x)
-        out = self.kernel(x.reshape(rows, self.in_features), self.inner.weight.data.view(-1), self.absmax, self.code,
-                          self.out_features, self.block)
-        if self.inner.bias is not None:
-            out = out + self.inner.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return out if self.inner.bias is None else out + self.inner.bias
 
 
 def fused_4bit(mods) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None:
@@ -177,14 +183,10 @@ def fused_4bit(mods) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | Non
         m.absmax = absmax[at_a:at_a + n_a]
         at_p, at_a = at_p + n_p, at_a + n_a
     sizes = [m.out_features for m in mods]
-    k, n = first.in_features, sum(sizes)
 
     def run(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        rows = h.numel() // k
-        if rows > first.ROWS or h.dtype != torch.float32:
-            return tuple(m(h) for m in mods)
-        out = first.kernel(h.reshape(rows, k), packed, absmax, first.code, n, first.block)
-        return out.view(*h.shape[:-1], n).split(sizes, dim=-1)
+        out = first.kernel_product(h, packed, absmax, sum(sizes))
+        return tuple(m(h) for m in mods) if out is None else out.split(sizes, dim=-1)
 
     return run
 
