@@ -157,8 +157,8 @@ def main() -> None:
           f"on the first {args.text_users} users. Greedy identical: share of 24-token greedy answers "
           "(next-item and explanation prompts) equal to the fp32 model's. int8 = PyTorch x86 dynamic quantization "
           "(per-channel int8 weights) of every linear layer in the decoder, output head, vision tower and projector, "
-          "token embeddings as int8 rows; nf4/fp4 = bitsandbytes 4-bit decoder linear layers, 4-bit embedding rows, the "
-          "rest as for int8; norms and the vision tower's patch/position embeddings stay fp32.",
+          "token embeddings as int8 rows; nf4/fp4 = bitsandbytes 4-bit decoder linear layers except the first layer's "
+          "attention projections (int8), 4-bit embedding rows, the rest as for int8; norms and the vision tower's patch/position embeddings stay fp32.",
           "", markdown_table(header, rows), "",
           "Targets: int8 <= 30 % of fp32 weight bytes with <= 1 % relative NDCG@10 loss; 4-bit <= 18 % with <= 3 %; "
           "neither slower than fp32 at batch 1."]

@@ -78,7 +78,9 @@ def test_each_option_loads_generates_and_serves(run_dir, option):
 def test_quantized_weights_are_smaller(run_dir):
     from torch import nn
 
-    full = weight_bytes(load_quantized(run_dir, "none"))
+    fp32 = load_quantized(run_dir, "none")
+    full = weight_bytes(fp32)
+    attn0 = sum(p.numel() * 4 for p in fp32.model.language_model.layers[0].self_attn.parameters())  # int8 in 4-bit options
     q = load_quantized(run_dir, "int8")
     sizes = {o: weight_bytes(q if o == "int8" else load_quantized(run_dir, o)) for o in OPTIONS[1:] if runnable(o)}
     assert sizes["bf16"] == pytest.approx(full / 2, rel=0.01)
@@ -89,10 +91,34 @@ def test_quantized_weights_are_smaller(run_dir):
     assert sizes["int8"] <= kept + (full - kept) * 0.31
     for o in ("nf4", "fp4"):
         if o in sizes:
-            assert sizes[o] <= kept + (full - kept) * 0.21
+            assert sizes[o] <= kept + (full - kept - attn0) * 0.21 + attn0 * 0.31
     assert isinstance(q.model.language_model.embed_tokens, QuantizedEmbedding)
     plain = [n for n, m in q.named_modules() if type(m) is nn.Linear]
     assert plain == [], f"left in fp32: {plain}"
+
+
+@pytest.mark.parametrize("option", ["nf4", "fp4"])
+def test_4bit_options_keep_the_first_layers_attention_at_int8(run_dir, option):
+    """The shipped 4-bit layout: decoder layer 0's q/k/v/o int8, its MLP and every later layer 4-bit;
+    `keep_int8` picks another layout (here: everything 4-bit, which weighs less)."""
+    if not runnable(option):
+        pytest.skip(f"{option} cannot run on this machine")
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from recfm.serving.quantization import Linear4bit, quantize
+
+    model = load_quantized(run_dir, option)
+    layers = model.model.language_model.layers
+    assert len(layers) > 1
+    for i, layer in enumerate(layers):
+        a, m = layer.self_attn, layer.mlp
+        want = DynamicLinear if i == 0 else Linear4bit
+        assert all(type(getattr(a, n)) is want for n in ("q_proj", "k_proj", "v_proj", "o_proj")), i
+        assert all(type(getattr(m, n)) is Linear4bit for n in ("gate_proj", "up_proj", "down_proj")), i
+    plain = load_quantized(run_dir, "none")
+    quantize(plain, option, keep_int8=lambda layer, name: False)
+    assert all(type(m) is not DynamicLinear for m in plain.model.language_model.layers.modules())
+    assert weight_bytes(plain) < weight_bytes(model)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

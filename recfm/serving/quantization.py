@@ -14,11 +14,13 @@ Options, each measured on this project's CPU benchmark (`benchmarks/quant_bench.
   so an int8 answer can depend on what else is in the batch (or on a prefix-cache hit, which changes
   the batch); an fp32 answer does not.
 - `nf4`, `fp4`: the decoder's linear layers as bitsandbytes 4-bit weights (blocks of 64, their
-  scales double-quantized by bitsandbytes and kept dequantized in fp32 beside them), multiplied
-  by recfm's native kernel straight from the packed codes for up to 32 rows (decoding up to 32
-  sequences) and dequantized per call by bitsandbytes above that; the token embeddings as 4-bit rows (two per byte, an fp16
-  scale and offset per group of 64); the output head, vision tower and projector in int8 as above.
-  The head stays at 8 bits because its rows are the item scores.
+  scales double-quantized by bitsandbytes and kept dequantized in fp32 beside them), multiplied by
+  recfm's native kernel straight from the packed codes for up to 32 rows (decoding up to 32
+  sequences) and dequantized per call by bitsandbytes above that; the token embeddings as 4-bit rows
+  (two per byte, an fp16 scale and offset per group of 64); the first decoder layer's attention
+  projections (`INT8_ATTENTION_LAYERS`: most of the 4-bit error came from them), the output head,
+  vision tower and projector in int8 as above. The head stays at 8 bits because its rows are the
+  item scores.
 
 Norms, biases, the vision tower's patch and position embeddings, and the content-item head stay in
 fp32 in every option. An option this machine cannot run (bitsandbytes missing, no int8 kernel
@@ -33,6 +35,11 @@ import torch
 from torch import nn
 
 OPTIONS = ("none", "bf16", "int8", "nf4", "fp4")
+# 4-bit options keep the attention projections of this many leading decoder layers at int8: on the
+# quickstart model, layer 0's q/k/v/o at 8 bits cut the KL divergence of the next-item distribution from
+# fp32's by 74 % (nf4, 200 users) for 0.4 % more bytes; every other layer, or any MLP, helped ~0 (see
+# benchmarks/results/quant_bench_mixed.md)
+INT8_ATTENTION_LAYERS = 1
 
 
 class QuantizationError(ValueError):
@@ -202,8 +209,15 @@ def _to_4bit(parent: nn.Module, name: str, lin: nn.Linear, quant_type: str) -> N
     setattr(parent, name, Linear4bit(q))
 
 
-def quantize(model, option: str) -> dict:
-    """Quantize `model` in place for inference; returns a summary (option, modules, weight bytes)."""
+def int8_in_4bit(layer: int, name: str) -> bool:
+    """Whether a 4-bit option keeps decoder layer `layer`'s linear `name` ("self_attn.q_proj",
+    "mlp.down_proj", ...) at int8."""
+    return layer < INT8_ATTENTION_LAYERS and name.startswith("self_attn.")
+
+
+def quantize(model, option: str, keep_int8: Callable[[int, str], bool] = int8_in_4bit) -> dict:
+    """Quantize `model` in place for inference; returns a summary (option, modules, weight bytes).
+    `keep_int8(layer, name)` picks the decoder linears a 4-bit option leaves at int8."""
     check(option)
     model.eval()
     before = weight_bytes(model)
@@ -215,12 +229,14 @@ def quantize(model, option: str) -> dict:
         engines = torch.backends.quantized.supported_engines
         torch.backends.quantized.engine = "x86" if "x86" in engines else ("fbgemm" if "fbgemm" in engines else "onednn")
         body = model.model
-        for parent, name, lin in _linears(body.language_model.layers):
-            if option == "int8":
-                _to_int8(parent, name, lin)
-            else:
-                _to_4bit(parent, name, lin, option)
-            n += 1
+        for i, layer in enumerate(body.language_model.layers):
+            paths = {id(m): p for p, m in layer.named_modules()}
+            for parent, name, lin in _linears(layer):
+                if option == "int8" or keep_int8(i, f"{paths[id(parent)]}.{name}".lstrip(".")):
+                    _to_int8(parent, name, lin)
+                else:
+                    _to_4bit(parent, name, lin, option)
+                n += 1
         others = [(model, "lm_head", model.lm_head)] + _linears(body.vision_tower) + _linears(body.projector)
         for parent, name, lin in others:
             _to_int8(parent, name, lin)
