@@ -105,20 +105,64 @@ def test_4bit_options_keep_the_first_layers_attention_at_int8(run_dir, option):
         pytest.skip(f"{option} cannot run on this machine")
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    from recfm.serving.quantization import Linear4bit, quantize
+    from recfm.serving.quantization import Int8Part, Linear4bit, quantize
 
     model = load_quantized(run_dir, option)
     layers = model.model.language_model.layers
     assert len(layers) > 1
     for i, layer in enumerate(layers):
         a, m = layer.self_attn, layer.mlp
-        want = DynamicLinear if i == 0 else Linear4bit
-        assert all(type(getattr(a, n)) is want for n in ("q_proj", "k_proj", "v_proj", "o_proj")), i
+        if i == 0:  # q/k/v as one int8 group
+            assert all(type(getattr(a, n)) is Int8Part for n in ("q_proj", "k_proj", "v_proj"))
+            assert type(a.o_proj) is DynamicLinear
+        else:
+            assert all(type(getattr(a, n)) is Linear4bit for n in ("q_proj", "k_proj", "v_proj", "o_proj")), i
         assert all(type(getattr(m, n)) is Linear4bit for n in ("gate_proj", "up_proj", "down_proj")), i
     plain = load_quantized(run_dir, "none")
     quantize(plain, option, keep_int8=lambda layer, name: False)
-    assert all(type(m) is not DynamicLinear for m in plain.model.language_model.layers.modules())
+    assert all(type(m) not in (DynamicLinear, Int8Part) for m in plain.model.language_model.layers.modules())
     assert weight_bytes(plain) < weight_bytes(model)
+
+
+def test_int8_groups_give_each_layers_own_outputs_once_per_input():
+    """int8 q/k/v stored as one group: the decoder pass's single product and each part called alone
+    (transformers' forward) give every layer's own int8 output bit for bit; parts called one after
+    another on one tensor share one product, which is dropped once every part has taken its columns."""
+    if not runnable("int8"):
+        pytest.skip("int8 cannot run on this machine")
+    from torch import nn
+
+    from recfm.serving.quantization import Int8Part, _group_int8, _to_int8, fused_int8
+
+    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
+    torch.manual_seed(0)
+    holder = nn.Module()
+    for name, out in (("q_proj", 96), ("k_proj", 32), ("v_proj", 32)):
+        setattr(holder, name, nn.Linear(64, out, bias=False))
+        _to_int8(holder, name, getattr(holder, name))
+    names = ("q_proj", "k_proj", "v_proj")
+    xs = [torch.randn(*shape, 64) for shape in ((1,), (7,), (2, 5))]
+    want = [[getattr(holder, n)(x) for n in names] for x in xs]
+    _group_int8(holder, names)
+    parts = tuple(getattr(holder, n) for n in names)
+    assert all(isinstance(m, Int8Part) for m in parts)
+    run = fused_int8(parts)
+    assert run is not None and fused_int8(parts[::-1]) is None and fused_int8(parts[:2]) is None
+    group = parts[0].group
+    calls = []
+    group.inner.register_forward_hook(lambda *a: calls.append(1))
+    for x, ws in zip(xs, want):
+        for got, w in zip(run(x), ws):
+            assert torch.equal(got, w)
+        n = len(calls)
+        for m, w in zip(parts, ws):
+            assert torch.equal(m(x), w)
+        assert len(calls) == n + 1 and group._memo is None  # one product for the three parts, then released
+    x = xs[1].clone()
+    parts[0](x)
+    x.mul_(2)  # changed in place: the next part must not reuse the product of the old values
+    got = parts[1](x)
+    assert torch.equal(got, group.product(x.clone())[1]) and not torch.equal(got, want[1][1])
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

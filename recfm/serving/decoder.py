@@ -24,8 +24,9 @@ MLP, residuals; the norms are the model's own modules) with changes that do not 
   the buckets there are 14 such shapes up to 512 tokens, and `warm()` sets them (and every decode
   batch up to 64) up before the first request.
 
-Projections that are not plain `nn.Linear` are called as modules, unfused (int8), or, for 4-bit
-layers, fused the same way in recfm's 4-bit kernel (`quantization.fused_4bit`). A decoder this pass
+Quantized projections are fused too: int8 q/k/v and gate/up are stored as one int8 layer each
+(`quantization.Int8Group`), and 4-bit ones run as one call of recfm's 4-bit kernel
+(`quantization.fused_4bit`); anything else that is not a plain `nn.Linear` is called as a module. A decoder this pass
 does not know (extra norms inside attention, a different activation, sliding windows) is reported by
 `unsupported`, and the runner goes through the modules instead.
 The gated cross-attention blocks of cross-attention fusion run before their layer, as their forward
@@ -91,9 +92,9 @@ def _projection(mods: tuple[nn.Module, ...]) -> Callable[[torch.Tensor], tuple[t
         weight, bias = _fuse(*mods)
         sizes = [m.out_features for m in mods]
         return lambda h: F.linear(h, weight, bias).split(sizes, dim=-1)
-    from .quantization import fused_4bit
+    from .quantization import fused_4bit, fused_int8
 
-    return fused_4bit(mods) or (lambda h: tuple(m(h) for m in mods))
+    return fused_4bit(mods) or fused_int8(mods) or (lambda h: tuple(m(h) for m in mods))
 
 
 @dataclass

@@ -10,9 +10,10 @@ Options, each measured on this project's CPU benchmark (`benchmarks/quant_bench.
   mode), the vision tower and the projector as int8 weights with per-output-channel scales, run by
   PyTorch's dynamic-quantization kernels (fbgemm/oneDNN "x86": activations quantized per call,
   int8 x int8 products, int32 accumulation); the token embeddings as int8 rows with one fp32 scale
-  per row (`QuantizedEmbedding`). Activations get one scale per call over the whole step's batch,
-  so an int8 answer can depend on what else is in the batch (or on a prefix-cache hit, which changes
-  the batch); an fp32 answer does not.
+  per row (`QuantizedEmbedding`). Each decoder layer's q/k/v, and its gate/up, are one int8 layer
+  (`Int8Group`: the same rows and scales, one product instead of three or two). Activations get one
+  scale per call over the whole step's batch, so an int8 answer can depend on what else is in the
+  batch (or on a prefix-cache hit, which changes the batch); an fp32 answer does not.
 - `nf4`, `fp4`: the decoder's linear layers as bitsandbytes 4-bit weights (blocks of 64, their
   scales double-quantized by bitsandbytes and kept dequantized in fp32 beside them), multiplied by
   recfm's native kernel straight from the packed codes for up to 32 rows (decoding up to 32
@@ -119,6 +120,78 @@ def _to_int8(parent: nn.Module, name: str, lin: nn.Linear) -> None:
 
     lin.qconfig = per_channel_dynamic_qconfig
     setattr(parent, name, DynamicLinear.from_float(lin))
+
+
+class Int8Group(nn.Module):
+    """int8 layers that read the same input (q/k/v, gate/up) stored as one dynamic-quantized layer over
+    their stacked weights: per-channel scales are per output row, so the stack holds exactly each
+    layer's int8 rows and scales, and the one product's columns are each layer's own outputs, bit for
+    bit (the activation scale comes from the shared input either way). The layers become `Int8Part`s;
+    the decoder pass calls `product` once per input, and transformers' forward, which calls the parts
+    one after another on the same tensor, gets the later parts from the first one's product."""
+
+    def __init__(self, mods):
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+        super().__init__()
+        ws = [m.weight() for m in mods]
+        weight = torch._make_per_channel_quantized_tensor(
+            torch.cat([w.int_repr() for w in ws]), torch.cat([w.q_per_channel_scales() for w in ws]),
+            torch.cat([w.q_per_channel_zero_points() for w in ws]), 0)
+        biases = [m.bias() for m in mods]
+        bias = torch.cat(biases) if biases[0] is not None else None
+        self.inner = DynamicLinear(mods[0].in_features, weight.shape[0], bias_=bias is not None, dtype=torch.qint8)
+        self.inner.set_weight_bias(weight, bias)
+        self.sizes = [m.out_features for m in mods]
+        self._memo = None  # (input, its version, outputs, parts still to take theirs)
+
+    def product(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.inner(x).split(self.sizes, dim=-1)
+
+    def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        memo = self._memo
+        if memo is None or memo[0] is not x or memo[1] != x._version or i not in memo[3]:
+            memo = self._memo = (x, x._version, self.product(x), set(range(len(self.sizes))))
+        memo[3].discard(i)
+        if not memo[3]:  # every part has its output: hold nothing
+            self._memo = None
+        return memo[2][i]
+
+
+class Int8Part(nn.Module):
+    """One layer of an `Int8Group`: its columns of the group's product."""
+
+    def __init__(self, group: Int8Group, index: int):
+        super().__init__()
+        self.group, self.index = group, index
+        self.in_features, self.out_features = group.inner.in_features, group.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.part(x, self.index)
+
+
+def _group_int8(parent: nn.Module, names: tuple[str, ...]) -> None:
+    """Replace parent's int8 layers `names` (same input width, per-channel scales) by parts of one group."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    mods = [getattr(parent, n, None) for n in names]
+    if not all(type(m) is DynamicLinear for m in mods) or len({m.in_features for m in mods}) != 1 or \
+            any(m.weight().qscheme() != torch.per_channel_affine for m in mods) or \
+            len({m.bias() is None for m in mods}) != 1:
+        return
+    group = Int8Group(mods)
+    for i, n in enumerate(names):
+        setattr(parent, n, Int8Part(group, i))
+
+
+def fused_int8(mods) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None:
+    """The decoder pass's one product for `mods` when they are, in order, all the parts of one group."""
+    if not mods or not all(isinstance(m, Int8Part) for m in mods):
+        return None
+    group = mods[0].group
+    if any(m.group is not group for m in mods) or [m.index for m in mods] != list(range(len(group.sizes))):
+        return None
+    return group.product
 
 
 class Linear4bit(nn.Module):
@@ -237,6 +310,8 @@ def quantize(model, option: str, keep_int8: Callable[[int, str], bool] = int8_in
                 else:
                     _to_4bit(parent, name, lin, option)
                 n += 1
+            _group_int8(layer.self_attn, ("q_proj", "k_proj", "v_proj"))
+            _group_int8(layer.mlp, ("gate_proj", "up_proj"))
         others = [(model, "lm_head", model.lm_head)] + _linears(body.vision_tower) + _linears(body.projector)
         for parent, name, lin in others:
             _to_int8(parent, name, lin)
