@@ -36,10 +36,11 @@ import torch
 from torch import nn
 
 OPTIONS = ("none", "bf16", "int8", "nf4", "fp4")
-# 4-bit options keep the attention projections of this many leading decoder layers at int8: on the
-# quickstart model, layer 0's q/k/v/o at 8 bits cut the KL divergence of the next-item distribution from
-# fp32's by 74 % (nf4, 200 users) for 0.4 % more bytes; every other layer, or any MLP, helped ~0 (see
-# benchmarks/results/quant_bench_mixed.md)
+# 4-bit options keep the attention projections of this many leading decoder layers at int8: layer 0's
+# q/k/v/o at 8 bits cut the KL divergence of the next-item distribution from fp32's by 74 % on the
+# quickstart model and 18 % on the MovieLens one (nf4, 200 users each) for 0.3-0.4 % more bytes; no other
+# layer helped, and MLPs at int8 made it worse (down_proj's input has outliers that the dynamic int8
+# kernel's one activation scale per call resolves badly): benchmarks/results/quant_sensitivity.md
 INT8_ATTENTION_LAYERS = 1
 
 
