@@ -10,7 +10,8 @@ history masked. Reported against the fp32 model on the same prompts:
 - top-10 overlap: the share of fp32's ten best items the quantized model also ranks in its ten best;
 - NDCG@10 (and its change), weight bytes as a fraction of fp32.
 
-A layout is `4bit` (every decoder linear 4-bit), `default` (what `--quantization nf4/fp4` ships:
+A layout is `int8` (the int8 option, for reference), `4bit` (every decoder linear 4-bit), `default`
+(what `--quantization nf4/fp4` ships:
 `quantization.int8_in_4bit`), or comma-separated KIND@LAYERS terms kept at int8, KIND one of attn, mlp,
 all, q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, LAYERS like 0, 0-2 or * (e.g.
 `attn@0`, `all@0`, `down_proj@*`).
@@ -46,7 +47,7 @@ def layout_rule(layout: str):
     """The keep_int8(layer, name) predicate of a layout string."""
     from recfm.serving.quantization import int8_in_4bit
 
-    if layout == "default":
+    if layout in ("default", "int8"):
         return int8_in_4bit
     if layout == "4bit":
         return lambda layer, name: False
@@ -122,7 +123,10 @@ def measure_run(run_dir: Path, option: str, layouts: list[str], users: int) -> l
     for layout in tqdm(layouts, desc=f"{run_dir.name} layouts"):
         t0 = time.time()
         model = load_quantized(run_dir, "none")
-        quantize(model, option, keep_int8=layout_rule(layout))
+        if layout == "int8":  # the int8 option itself, for reference
+            quantize(model, "int8")
+        else:
+            quantize(model, option, keep_int8=layout_rule(layout))
         run.model = model
         s, r = scores_and_ranks(run, rows, masked)
         log_q = torch.log_softmax(s.masked_fill(~finite, -1e30), -1)
