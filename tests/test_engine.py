@@ -597,3 +597,24 @@ def test_async_engine_calls_between_steps(atomic, loop):
 
     e_free = atomic.engine().blocks.num_free
     asyncio.run(main())
+
+
+def test_bf16_products_from_packed_weights_equal_f_linear():
+    """The decoder pass multiplies bf16 weights that oneDNN packed once; every row count gives F.linear's
+    output bit for bit, with and without a bias, for contiguous and strided inputs."""
+    import torch.nn.functional as F
+
+    from recfm.serving.decoder import _linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(80, 48, generator=g).bfloat16()
+    b = torch.randn(80, generator=g).bfloat16()
+    for bias in (None, b):
+        f = _linear(w, bias)
+        for rows in (1, 5, 64, 100):
+            x = torch.randn(rows, 48, generator=g).bfloat16()
+            assert torch.equal(f(x), F.linear(x, w, bias))
+        strided = torch.randn(7, 96, generator=g).bfloat16()[:, ::2]
+        assert torch.equal(f(strided), F.linear(strided, w, bias))
+    w32 = w.float()
+    assert torch.equal(_linear(w32, None)(x.float()), F.linear(x.float(), w32))  # fp32: plain F.linear

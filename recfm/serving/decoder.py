@@ -9,6 +9,9 @@ MLP, residuals; the norms are the model's own modules) with changes that do not 
 - q, k and v are one matrix product, and so are gate and up: their weights are concatenated once,
   and the modules' own weights become views into the concatenation (no second copy; transformers'
   forward, used by `generate`, `score_items` and the beam search, reads the same memory);
+- bf16 weights on the CPU are multiplied from a copy that oneDNN packed once (`_linear`; F.linear
+  repacks the weight on every call): 1.6x the tokens/s of one sequence and 1.3x at 16 on the 2-core
+  EPYC, identical outputs, at the cost of a second copy of the decoder's weights;
 - attention is `attention.paged_attention` called directly on (tokens, heads, head_dim) tensors;
 - in bf16 on the CPU, RMSNorm (with the residual add before it) and the rotary embedding are one
   pass each through `csrc/norm_rope.cpp` (transformers' arithmetic and roundings, see there) instead
@@ -86,12 +89,34 @@ def _fuse(*mods: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h -> F.linear(h, weight, bias); for bf16 weights on a CPU with oneDNN, the same product from a copy
+    of the weight oneDNN packed once, since F.linear repacks it on every call (bit-identical outputs;
+    15-30 us less per product at 1-64 rows on the 2-core EPYC, equal at 512)."""
+    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            linear = torch.ops.mkldnn._linear_pointwise
+            linear(weight.new_zeros(1, weight.shape[1]), packed, bias, "none", [], "")
+            return lambda h: linear(h.contiguous(), packed, bias, "none", [], "")
+        except (AttributeError, RuntimeError, NotImplementedError):  # a torch build without these ops
+            pass
+    return lambda h: F.linear(h, weight, bias)
+
+
+def _single(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h -> mod(h), through `_linear` when it is a plain linear layer."""
+    if _plain(mod):
+        return _linear(mod.weight.detach(), None if mod.bias is None else mod.bias.detach())
+    return mod
+
+
 def _projection(mods: tuple[nn.Module, ...]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
     """h -> one output per module: a single fused matrix product when they are plain linear layers."""
     if _plain(*mods):
-        weight, bias = _fuse(*mods)
+        linear = _linear(*_fuse(*mods))
         sizes = [m.out_features for m in mods]
-        return lambda h: F.linear(h, weight, bias).split(sizes, dim=-1)
+        return lambda h: linear(h).split(sizes, dim=-1)
     from .quantization import fused_4bit, fused_int8
 
     return fused_4bit(mods) or fused_int8(mods) or (lambda h: tuple(m(h) for m in mods))
@@ -136,8 +161,8 @@ class FastDecoder:
             a, m = layer.self_attn, layer.mlp
             head_dim = a.head_dim
             self.layers.append(_Layer(
-                i, layer.input_layernorm, _projection((a.q_proj, a.k_proj, a.v_proj)), a.o_proj,
-                layer.post_attention_layernorm, _projection((m.gate_proj, m.up_proj)), m.down_proj,
+                i, layer.input_layernorm, _projection((a.q_proj, a.k_proj, a.v_proj)), _single(a.o_proj),
+                layer.post_attention_layernorm, _projection((m.gate_proj, m.up_proj)), _single(m.down_proj),
                 cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, a.scaling))
         self.norm = lm.norm
         self.fused = fused if fused is not None and self._fusable() else None
@@ -145,7 +170,10 @@ class FastDecoder:
         if head is not None and _plain(head) and head.out_features > self.HEAD_SLICE:
             weights = head.weight.detach().split(self.HEAD_SLICE)  # views: no copy
             biases = head.bias.detach().split(self.HEAD_SLICE) if head.bias is not None else [None] * len(weights)
-            self.head = lambda h: torch.cat([F.linear(h, w, b) for w, b in zip(weights, biases)], dim=-1)
+            slices = [_linear(w, b) for w, b in zip(weights, biases)]
+            self.head = lambda h: torch.cat([f(h) for f in slices], dim=-1)
+        elif head is not None:
+            self.head = _single(head)
 
     @torch.no_grad()
     def warm(self, max_tokens: int) -> None:
