@@ -80,31 +80,23 @@ def prompts(run, domain, users: int):
 
 
 @torch.no_grad()
-def scores_and_ranks(run, rows, masked, batch_size: int = 16):
-    from recfm.eval import metrics as M
-    from recfm.eval.runner import score_catalogue
+def scores_and_ranks(run, rows, masked) -> tuple[torch.Tensor, np.ndarray]:
+    """All rows' catalogue scores (history masked) and their targets' 0-based ranks."""
+    from recfm.eval.metrics import target_ranks
+    from recfm.eval.runner import ranking_scores
 
-    items = run.tok.items
     scores, ranks = [], []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        enc = [run.prompt(r["messages"]) for r in chunk]
-        exclude = [[items.index(x) for x in masked[r["user_id"]] if x in items] for r in chunk]
-        s = score_catalogue(run, enc, exclude).float()
-        scores.append(s)
-        ranks += M.target_ranks(s.numpy(), np.asarray([items.index(r["target"]) for r in chunk])).tolist()
+    for _, s, targets in ranking_scores(run, rows, masked, progress=False):
+        scores.append(s.float())
+        ranks += target_ranks(s.numpy(), targets).tolist()
     return torch.cat(scores), np.asarray(ranks)
-
-
-def ndcg10(ranks: np.ndarray) -> np.ndarray:
-    return np.where(ranks < 10, 1 / np.log2(ranks + 2), 0.0)
 
 
 def measure_run(run_dir: Path, option: str, layouts: list[str], users: int) -> list[dict]:
     from tqdm.auto import tqdm
 
     from recfm.data import load_domain
-    from recfm.eval.metrics import paired_test
+    from recfm.eval.metrics import ndcg_per_user, paired_test
     from recfm.eval.runner import LoadedRun
     from recfm.serving.quantization import load_quantized, quantize, weight_bytes
 
@@ -116,7 +108,7 @@ def measure_run(run_dir: Path, option: str, layouts: list[str], users: int) -> l
     finite = torch.isfinite(base_s)
     log_p = torch.log_softmax(base_s.masked_fill(~finite, -1e30), -1)
     top_p = base_s.topk(10).indices
-    base_nd = ndcg10(base_r)
+    base_nd = ndcg_per_user(base_r)
     name = f"{run_dir.parent.name}/{run_dir.name}"
     out = [{"run": name, "layout": "fp32", "weight_fraction": 1.0, "kl": 0.0, "top10_overlap": 1.0,
             "ndcg@10": float(base_nd.mean()), "ndcg_change": 0.0, "p": 1.0, "users": len(rows), "secs": 0.0}]
@@ -133,7 +125,7 @@ def measure_run(run_dir: Path, option: str, layouts: list[str], users: int) -> l
         kl = (log_p.exp() * (log_p - log_q)).masked_fill(~finite, 0).sum(-1).mean().item()
         top = s.topk(10).indices
         overlap = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top, top_p)]))
-        nd = ndcg10(r)
+        nd = ndcg_per_user(r)
         out.append({"run": name, "layout": layout, "weight_fraction": weight_bytes(model) / full_bytes, "kl": kl,
                     "top10_overlap": overlap, "ndcg@10": float(nd.mean()),
                     "ndcg_change": float(nd.mean() / base_nd.mean() - 1) if base_nd.mean() else float("nan"),

@@ -87,15 +87,15 @@ def _batches(rows, size):
         yield rows[i : i + size]
 
 
-def eval_ranking(run: LoadedRun, rows: list[dict], masked: dict[str, list[str]], batch_size: int = 16,
-                 progress: bool = True, id_sequence: int = 0) -> list[int]:
-    """0-based rank of each row's target in the full catalogue ranking, with every item of the user's
-    history (`masked[user_id]`, not only the items the prompt shows) masked. With `id_sequence` > 0,
-    each row is asked in the identifier-only view instead: the newest `id_sequence` history items."""
+def ranking_scores(run: LoadedRun, rows: list[dict], masked: dict[str, list[str]], batch_size: int = 16,
+                   progress: bool = True, id_sequence: int = 0):
+    """For each batch of rows: (rows, (B, n_items) scores of the full catalogue with every item of the
+    user's history (`masked[user_id]`, not only the items the prompt shows) at -inf, target item
+    indices). With `id_sequence` > 0, each row is asked in the identifier-only view instead: the
+    newest `id_sequence` history items."""
     from ..instructions.chat import id_sequence_prompt
 
     items = run.tok.items
-    ranks = []
     for chunk in tqdm(list(_batches(rows, batch_size)), desc="next item", disable=not progress):
         if id_sequence:
             enc = [id_sequence_prompt(masked[r["user_id"]][-id_sequence:], run.ctx) for r in chunk]
@@ -103,8 +103,14 @@ def eval_ranking(run: LoadedRun, rows: list[dict], masked: dict[str, list[str]],
             enc = [run.prompt(r["messages"]) for r in chunk]
         histories = [masked[r["user_id"]] for r in chunk]
         exclude = [[items.index(i) for i in h if i in items] for h in histories]
-        scores = score_catalogue(run, enc, exclude)
-        targets = np.asarray([items.index(r["target"]) for r in chunk])
+        yield chunk, score_catalogue(run, enc, exclude), np.asarray([items.index(r["target"]) for r in chunk])
+
+
+def eval_ranking(run: LoadedRun, rows: list[dict], masked: dict[str, list[str]], batch_size: int = 16,
+                 progress: bool = True, id_sequence: int = 0) -> list[int]:
+    """0-based rank of each row's target in the full catalogue ranking (`ranking_scores`)."""
+    ranks = []
+    for _, scores, targets in ranking_scores(run, rows, masked, batch_size, progress, id_sequence):
         ranks += M.target_ranks(scores.numpy(), targets).tolist()
     return ranks
 

@@ -98,7 +98,7 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
             linear = torch.ops.mkldnn._linear_pointwise
             linear(weight.new_zeros(1, weight.shape[1]), packed, bias, "none", [], "")
-            return lambda h: linear(h.contiguous(), packed, bias, "none", [], "")
+            return lambda h: linear(h, packed, bias, "none", [], "")
         except (AttributeError, RuntimeError, NotImplementedError):  # a torch build without these ops
             pass
     return lambda h: F.linear(h, weight, bias)
