@@ -155,9 +155,9 @@ def main() -> None:
           f"{', '.join(f'{Path(k).name}: {v} users' for k, v in n_users.items())}, seen template, full ranking with the "
           "history masked; paired p: sign-flip test of per-user NDCG@10 against fp32 (10,000 resamples, seed 0); ROUGE-L "
           f"on the first {args.text_users} users. Greedy identical: share of 24-token greedy answers "
-          "(next-item and explanation prompts) equal to the fp32 model's. int8 = PyTorch x86 dynamic quantization "
-          "(per-channel int8 weights) of every linear layer in the decoder, output head, vision tower and projector, "
-          "token embeddings as int8 rows; nf4/fp4 = bitsandbytes 4-bit decoder linear layers except the first layer's "
+          "(next-item and explanation prompts) equal to the fp32 model's. int8 = weight-only int8 (one scale per output "
+          "row, fp32 activations, recfm's kernel up to 32 rows) for every linear layer in the decoder, output head, "
+          "vision tower and projector, token embeddings as int8 rows; nf4/fp4 = bitsandbytes 4-bit decoder linear layers except the first layer's "
           "attention projections (int8), 4-bit embedding rows, the rest as for int8; norms and the vision tower's patch/position embeddings stay fp32.",
           "", markdown_table(header, rows), "",
           "Targets: int8 <= 30 % of fp32 weight bytes with <= 1 % relative NDCG@10 loss; 4-bit <= 18 % with <= 3 %; "

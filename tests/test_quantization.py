@@ -57,8 +57,9 @@ def test_each_option_loads_generates_and_serves(run_dir, option):
 
     if not runnable(option):
         pytest.skip(f"{option} cannot run on this machine")
-    # no prefix caching: int8 quantizes activations over the whole step's batch, so a prefix-cache hit
-    # (a different batch) may change an untrained model's near-tied greedy choice
+    # no prefix caching: a prefix-cache hit changes how many rows a product has, and with it the order
+    # of the quantized options' sums (kernel or dequantized product), enough to flip an untrained model's
+    # near-tied greedy choice
     svc = Service(run_dir, engine_config=EngineConfig(num_blocks=256, block_size=8, prefix_caching=False),
                   quantization=option)
     first = greedy(svc, MESSAGES)
@@ -84,9 +85,9 @@ def test_quantized_weights_are_smaller(run_dir):
     q = load_quantized(run_dir, "int8")
     sizes = {o: weight_bytes(q if o == "int8" else load_quantized(run_dir, o)) for o in OPTIONS[1:] if runnable(o)}
     assert sizes["bf16"] == pytest.approx(full / 2, rel=0.01)
-    # the tiny model's fp32 leftovers (norms, patch embedding) and per-channel scales (16 bytes per
-    # output channel of 64 inputs) weigh more than in `small`, where quant_bench measures int8 at 0.26
-    # and 4-bit at 0.16 of fp32; here: what is quantized shrank ~3x / ~5x
+    # the tiny model's fp32 leftovers (norms, patch embedding) and scales (4 bytes per output row of 64
+    # inputs) weigh more than in `small`, where quant_bench measures int8 at 0.26 and 4-bit at 0.16 of
+    # fp32; here: what is quantized shrank ~3x / ~5x
     kept = sum(p.numel() * 4 for p in q.parameters())
     assert sizes["int8"] <= kept + (full - kept) * 0.31
     for o in ("nf4", "fp4"):
@@ -103,66 +104,88 @@ def test_4bit_options_keep_the_first_layers_attention_at_int8(run_dir, option):
     `keep_int8` picks another layout (here: everything 4-bit, which weighs less)."""
     if not runnable(option):
         pytest.skip(f"{option} cannot run on this machine")
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    from recfm.serving.quantization import Int8Part, Linear4bit, quantize
+    from recfm.serving.quantization import Int8Linear, Linear4bit, quantize
 
     model = load_quantized(run_dir, option)
     layers = model.model.language_model.layers
     assert len(layers) > 1
     for i, layer in enumerate(layers):
         a, m = layer.self_attn, layer.mlp
-        if i == 0:  # q/k/v as one int8 group
-            assert all(type(getattr(a, n)) is Int8Part for n in ("q_proj", "k_proj", "v_proj"))
-            assert type(a.o_proj) is DynamicLinear
+        if i == 0:
+            assert all(type(getattr(a, n)) is Int8Linear for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
         else:
             assert all(type(getattr(a, n)) is Linear4bit for n in ("q_proj", "k_proj", "v_proj", "o_proj")), i
         assert all(type(getattr(m, n)) is Linear4bit for n in ("gate_proj", "up_proj", "down_proj")), i
     plain = load_quantized(run_dir, "none")
     quantize(plain, option, keep_int8=lambda layer, name: False)
-    assert all(type(m) not in (DynamicLinear, Int8Part) for m in plain.model.language_model.layers.modules())
+    assert all(type(m) is not Int8Linear for m in plain.model.language_model.layers.modules())
     assert weight_bytes(plain) < weight_bytes(model)
 
 
-def test_int8_groups_give_each_layers_own_outputs_once_per_input():
-    """int8 q/k/v stored as one group: the decoder pass's single product and each part called alone
-    (transformers' forward) give every layer's own int8 output bit for bit; parts called one after
-    another on one tensor share one product, which is dropped once every part has taken its columns."""
-    if not runnable("int8"):
-        pytest.skip("int8 cannot run on this machine")
+def test_int8_weights_are_rounded_per_row_and_activations_are_not():
+    """Int8Linear: each output row's weights rounded to int8 with its own scale (within half a step of
+    fp32), products in fp32 with the kernel (up to ROWS rows) and the dequantized product (above)
+    alike, and a row's output does not depend on the other rows of its batch, even one a hundred times
+    larger (an activation scale shared over the batch, as dynamic int8 kernels use, fails this)."""
     from torch import nn
 
-    from recfm.serving.quantization import Int8Part, _group_int8, _to_int8, fused_int8
+    from recfm.serving import native
+    from recfm.serving.quantization import Int8Linear, _to_int8
 
-    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else "fbgemm"
     torch.manual_seed(0)
     holder = nn.Module()
-    for name, out in (("q_proj", 96), ("k_proj", 32), ("v_proj", 32)):
+    holder.lin = nn.Linear(100, 40)  # an input width no vector loop divides: the kernel's tail runs too
+    w = holder.lin.weight.detach().clone() * torch.linspace(0.01, 3, 40)[:, None]  # rows of very different scale
+    holder.lin.weight.data.copy_(w)
+    _to_int8(holder, "lin", holder.lin)
+    q = holder.lin
+    assert isinstance(q, Int8Linear) and q.qweight.dtype == torch.int8
+    step = w.abs().amax(1) / 127
+    deq = q.qweight.float() * q.scale[:, None]
+    assert bool(((deq - w).abs() <= step[:, None] * 0.5 + 1e-7).all())
+    if native.gemv_int8() is None:
+        pytest.skip(f"the native kernel could not be built here: {native.error('gemv_int8')}")
+    assert q.kernel is not None
+    for rows in (1, 3, 9, Int8Linear.ROWS, Int8Linear.ROWS + 1):
+        x = torch.randn(rows, 100)
+        torch.testing.assert_close(q(x), x @ deq.t() + q.bias, rtol=1e-5, atol=1e-5)
+        big = torch.cat([x, x[:1] * 100])
+        torch.testing.assert_close(q(big)[:rows], q(x), rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 5, 100)  # leading dimensions kept, bf16 in -> bf16 out
+    assert q(x).shape == (2, 5, 40) and q(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_fused_int8_layers_give_each_layers_own_outputs_without_a_second_copy():
+    """int8 q/k/v (or gate/up) are multiplied in one product over their concatenated rows: every
+    output is bit for bit the layer's own, at kernel sizes and above, and the layers' int8 rows and
+    scales are views into the concatenation."""
+    from torch import nn
+
+    from recfm.serving.quantization import Int8Linear, _to_int8, fused_int8
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    for name, out in (("q", 96), ("k", 32), ("v", 32)):
         setattr(holder, name, nn.Linear(64, out, bias=False))
         _to_int8(holder, name, getattr(holder, name))
-    names = ("q_proj", "k_proj", "v_proj")
-    xs = [torch.randn(*shape, 64) for shape in ((1,), (7,), (2, 5))]
-    want = [[getattr(holder, n)(x) for n in names] for x in xs]
-    _group_int8(holder, names)
-    parts = tuple(getattr(holder, n) for n in names)
-    assert all(isinstance(m, Int8Part) for m in parts)
-    run = fused_int8(parts)
-    assert run is not None and fused_int8(parts[::-1]) is None and fused_int8(parts[:2]) is None
-    group = parts[0].group
-    calls = []
-    group.inner.register_forward_hook(lambda *a: calls.append(1))
+    mods = (holder.q, holder.k, holder.v)
+    xs = [torch.randn(*shape, 64) for shape in ((1,), (7,), (2, 5), (Int8Linear.ROWS + 3,))]
+    want = [[m(x) for m in mods] for x in xs]
+    run = fused_int8(mods)
+    assert run is not None
     for x, ws in zip(xs, want):
         for got, w in zip(run(x), ws):
-            assert torch.equal(got, w)
-        n = len(calls)
-        for m, w in zip(parts, ws):
+            torch.testing.assert_close(got, w, rtol=0, atol=0)
+        for m, w in zip(mods, ws):  # the layers alone, now reading views, still answer the same
             assert torch.equal(m(x), w)
-        assert len(calls) == n + 1 and group._memo is None  # one product for the three parts, then released
-    x = xs[1].clone()
-    parts[0](x)
-    x.mul_(2)  # changed in place: the next part must not reuse the product of the old values
-    got = parts[1](x)
-    assert torch.equal(got, group.product(x.clone())[1]) and not torch.equal(got, want[1][1])
+    assert len({m.qweight.untyped_storage().data_ptr() for m in mods}) == 1
+    assert len({m.scale.untyped_storage().data_ptr() for m in mods}) == 1
+    assert fused_int8((holder.q, nn.Linear(64, 8))) is None  # not all int8: the caller calls the modules
+    with_bias = nn.Module()
+    with_bias.a, with_bias.b = nn.Linear(64, 8), nn.Linear(64, 8)
+    _to_int8(with_bias, "a", with_bias.a)
+    _to_int8(with_bias, "b", with_bias.b)
+    assert fused_int8((with_bias.a, with_bias.b)) is None
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -6,6 +6,8 @@
   no gathered copy of each sequence's keys and values per layer;
 - `gemv_4bit()`: a few rows times a bitsandbytes nf4/fp4 matrix read from its packed bytes
   (csrc/gemv_4bit.cpp), for 4-bit decoding at small batches;
+- `gemv_int8()`: a few rows times an int8 matrix with one scale per output row (csrc/gemv_int8.cpp),
+  for int8 decoding at small batches;
 - `norm_rope()`: RMSNorm (after a residual add) and the rotary embedding in one pass each, bf16
   (csrc/norm_rope.cpp), for the decoder pass's elementwise work.
 
@@ -86,6 +88,11 @@ def paged_decode():
 def gemv_4bit():
     """(x (m, k), packed uint8, absmax fp32, code (16,), n, block) -> (m, n), or None."""
     return _kernel("gemv_4bit", "gemv_4bit")
+
+
+def gemv_int8():
+    """(x (m, k) fp32, q (n, k) int8, scale (n,) fp32) -> (m, n), or None."""
+    return _kernel("gemv_int8", "gemv_int8")
 
 
 def norm_rope():

@@ -7,13 +7,12 @@ Options, each measured on this project's CPU benchmark (`benchmarks/quant_bench.
   units the matrix products are emulated, which helps one-at-a-time decoding (memory-bound) and
   hurts batches.
 - `int8`: every linear layer of the decoder, the output head (which scores every item in atomic
-  mode), the vision tower and the projector as int8 weights with per-output-channel scales, run by
-  PyTorch's dynamic-quantization kernels (fbgemm/oneDNN "x86": activations quantized per call,
-  int8 x int8 products, int32 accumulation); the token embeddings as int8 rows with one fp32 scale
-  per row (`QuantizedEmbedding`). Each decoder layer's q/k/v, and its gate/up, are one int8 layer
-  (`Int8Group`: the same rows and scales, one product instead of three or two). Activations get one
-  scale per call over the whole step's batch, so an int8 answer can depend on what else is in the
-  batch (or on a prefix-cache hit, which changes the batch); an fp32 answer does not.
+  mode), the vision tower and the projector as int8 weights with one fp32 scale per output row and
+  fp32 activations (`Int8Linear`, weight-only: no activation is rounded, so an answer does not depend
+  on the batch it ran in), multiplied by recfm's native kernel straight from the int8 bytes for up to
+  32 rows and as a dequantized product above that; the token embeddings as int8 rows with one fp32
+  scale per row (`QuantizedEmbedding`). Each decoder layer's q/k/v, and its gate/up, are one product
+  over their concatenated rows (`fused_int8`).
 - `nf4`, `fp4`: the decoder's linear layers as bitsandbytes 4-bit weights (blocks of 64, their
   scales double-quantized by bitsandbytes and kept dequantized in fp32 beside them), multiplied by
   recfm's native kernel straight from the packed codes for up to 32 rows (decoding up to 32
@@ -24,8 +23,8 @@ Options, each measured on this project's CPU benchmark (`benchmarks/quant_bench.
   item scores.
 
 Norms, biases, the vision tower's patch and position embeddings, and the content-item head stay in
-fp32 in every option. An option this machine cannot run (bitsandbytes missing, no int8 kernel
-engine) is an error when the model is loaded, never later.
+fp32 in every option. An option this machine cannot run (bitsandbytes missing) is an error when the
+model is loaded, never later; where the native kernels cannot be built, the PyTorch paths stand in.
 """
 
 from __future__ import annotations
@@ -52,10 +51,6 @@ def check(option: str) -> None:
     """Raise now if `option` cannot run here."""
     if option not in OPTIONS:
         raise QuantizationError(f"unknown quantization {option!r}; choose one of {', '.join(OPTIONS)}")
-    if option == "int8":
-        engines = torch.backends.quantized.supported_engines
-        if not any(e in engines for e in ("x86", "fbgemm", "onednn")):
-            raise QuantizationError(f"int8 needs PyTorch's x86/fbgemm quantized kernels; this build has {engines}")
     if option in ("nf4", "fp4"):
         try:
             import bitsandbytes  # noqa: F401
@@ -115,84 +110,70 @@ def _linears(root: nn.Module | None) -> list[tuple[nn.Module, str, nn.Linear]]:
     return out
 
 
-def _to_int8(parent: nn.Module, name: str, lin: nn.Linear) -> None:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-    from torch.ao.quantization import per_channel_dynamic_qconfig
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights, one fp32 scale per output row (symmetric, round to nearest),
+    and fp32 activations: weight-only int8, so the weights' rounding is the only error and an answer
+    does not depend on what else is in the batch. Products with a few rows (one to `ROWS` decoding
+    sequences) run in recfm's native kernel (`native.gemv_int8`, reading the int8 bytes); more rows
+    (prefill, scoring), and machines where the kernel cannot be built, multiply the int8 values as
+    floats and scale the outputs: the same sum, in another order."""
 
-    lin.qconfig = per_channel_dynamic_qconfig
-    setattr(parent, name, DynamicLinear.from_float(lin))
+    ROWS = 32  # the kernel ran 1-32 rows at 0.25-1.0x the time of the dequantized product (EPYC, 2 threads)
 
-
-class Int8Group(nn.Module):
-    """int8 layers that read the same input (q/k/v, gate/up) stored as one dynamic-quantized layer over
-    their stacked weights: per-channel scales are per output row, so the stack holds exactly each
-    layer's int8 rows and scales, and the one product's columns are each layer's own outputs, bit for
-    bit (the activation scale comes from the shared input either way). The layers become `Int8Part`s;
-    the decoder pass calls `product` once per input, and transformers' forward, which calls the parts
-    one after another on the same tensor, gets the later parts from the first one's product."""
-
-    def __init__(self, mods):
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
+    def __init__(self, lin: nn.Linear):
         super().__init__()
-        ws = [m.weight() for m in mods]
-        weight = torch._make_per_channel_quantized_tensor(
-            torch.cat([w.int_repr() for w in ws]), torch.cat([w.q_per_channel_scales() for w in ws]),
-            torch.cat([w.q_per_channel_zero_points() for w in ws]), 0)
-        biases = [m.bias() for m in mods]
-        bias = torch.cat(biases) if biases[0] is not None else None
-        self.inner = DynamicLinear(mods[0].in_features, weight.shape[0], bias_=bias is not None, dtype=torch.qint8)
-        self.inner.set_weight_bias(weight, bias)
-        self.sizes = [m.out_features for m in mods]
-        self._memo = None  # (input, its version, outputs, parts still to take theirs)
+        from . import native
 
-    def product(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.inner(x).split(self.sizes, dim=-1)
+        w = lin.weight.detach().float()
+        scale = w.abs().amax(1).clamp(min=1e-12) / 127
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().float().clone())
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.kernel = native.gemv_int8()
 
-    def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        memo = self._memo
-        if memo is None or memo[0] is not x or memo[1] != x._version or i not in memo[3]:
-            memo = self._memo = (x, x._version, self.product(x), set(range(len(self.sizes))))
-        memo[3].discard(i)
-        if not memo[3]:  # every part has its output: hold nothing
-            self._memo = None
-        return memo[2][i]
-
-
-class Int8Part(nn.Module):
-    """One layer of an `Int8Group`: its columns of the group's product."""
-
-    def __init__(self, group: Int8Group, index: int):
-        super().__init__()
-        self.group, self.index = group, index
-        self.in_features, self.out_features = group.inner.in_features, group.sizes[index]
+    def product(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) times the int8 matrix `qweight` with row scales `scale` (this layer's
+        own, or several layers' concatenated: `fused_int8`), without the bias."""
+        dtype = x.dtype
+        x = x.float()
+        rows = x.numel() // self.in_features
+        if self.kernel is not None and rows <= self.ROWS:
+            out = self.kernel(x.reshape(rows, self.in_features), qweight, scale).view(*x.shape[:-1], -1)
+        else:
+            out = torch.nn.functional.linear(x, qweight.float()) * scale
+        return out.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.part(x, self.index)
+        out = self.product(x, self.qweight, self.scale)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _group_int8(parent: nn.Module, names: tuple[str, ...]) -> None:
-    """Replace parent's int8 layers `names` (same input width, per-channel scales) by parts of one group."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    mods = [getattr(parent, n, None) for n in names]
-    if not all(type(m) is DynamicLinear for m in mods) or len({m.in_features for m in mods}) != 1 or \
-            any(m.weight().qscheme() != torch.per_channel_affine for m in mods) or \
-            len({m.bias() is None for m in mods}) != 1:
-        return
-    group = Int8Group(mods)
-    for i, n in enumerate(names):
-        setattr(parent, n, Int8Part(group, i))
+def _to_int8(parent: nn.Module, name: str, lin: nn.Linear) -> None:
+    setattr(parent, name, Int8Linear(lin))
 
 
 def fused_int8(mods) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None:
-    """The decoder pass's one product for `mods` when they are, in order, all the parts of one group."""
-    if not mods or not all(isinstance(m, Int8Part) for m in mods):
+    """One product for int8 layers that read the same input (q/k/v, gate/up), as the decoder pass
+    fuses plain linear layers: their int8 rows and scales are concatenated once and each layer's own
+    buffers become views into the concatenation (no second copy). Scales are per output row, so the
+    concatenation is exactly the int8 matrix of the stacked weights and every output is the one the
+    layer alone computes. None when the layers cannot be fused."""
+    first = mods[0] if mods else None
+    if len(mods) < 2 or not all(type(m) is Int8Linear for m in mods) or \
+            any(m.in_features != first.in_features or m.bias is not None for m in mods):
         return None
-    group = mods[0].group
-    if any(m.group is not group for m in mods) or [m.index for m in mods] != list(range(len(group.sizes))):
-        return None
-    return group.product
+    qweight = torch.cat([m.qweight for m in mods])
+    scale = torch.cat([m.scale for m in mods])
+    at = 0
+    for m in mods:
+        m.qweight, m.scale = qweight[at:at + m.out_features], scale[at:at + m.out_features]
+        at += m.out_features
+    sizes = [m.out_features for m in mods]
+    return lambda h: first.product(h, qweight, scale).split(sizes, dim=-1)
 
 
 class Linear4bit(nn.Module):
@@ -300,8 +281,6 @@ def quantize(model, option: str, keep_int8: Callable[[int, str], bool] = int8_in
         model.to(torch.bfloat16)
         n = sum(1 for _ in model.modules())
     elif option in ("int8", "nf4", "fp4"):
-        engines = torch.backends.quantized.supported_engines
-        torch.backends.quantized.engine = "x86" if "x86" in engines else ("fbgemm" if "fbgemm" in engines else "onednn")
         body = model.model
         for i, layer in enumerate(body.language_model.layers):
             paths = {id(m): p for p, m in layer.named_modules()}
@@ -311,8 +290,6 @@ def quantize(model, option: str, keep_int8: Callable[[int, str], bool] = int8_in
                 else:
                     _to_4bit(parent, name, lin, option)
                 n += 1
-            _group_int8(layer.self_attn, ("q_proj", "k_proj", "v_proj"))
-            _group_int8(layer.mlp, ("gate_proj", "up_proj"))
         others = [(model, "lm_head", model.lm_head)] + _linears(body.vision_tower) + _linears(body.projector)
         for parent, name, lin in others:
             _to_int8(parent, name, lin)
@@ -337,9 +314,8 @@ def load_quantized(path, quantization: str = "none", dtype: torch.dtype = torch.
 
 
 def weight_bytes(model) -> int:
-    """Bytes of every weight as stored: parameters, buffers, and packed quantized weights."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
+    """Bytes of every weight as stored: parameters and buffers (int8 rows and their scales included),
+    and bitsandbytes' 4-bit block scales."""
     total = 0
     seen = set()
     for m in model.modules():
@@ -351,11 +327,4 @@ def weight_bytes(model) -> int:
             state = getattr(t, "quant_state", None)  # bitsandbytes: the block scales
             if state is not None and getattr(state, "absmax", None) is not None:
                 total += state.absmax.numel() * state.absmax.element_size()
-        if isinstance(m, DynamicLinear):  # packed int8 weights are not parameters
-            w, b = m.weight(), m.bias()
-            total += w.numel() * w.element_size()  # int8
-            per_channel = w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
-            total += (w.q_per_channel_scales().numel() if per_channel else 1) * 16  # fp64 scale + int64 zero point
-            if b is not None:
-                total += b.numel() * b.element_size()
     return total
