@@ -36,10 +36,11 @@ from torch import nn
 
 OPTIONS = ("none", "bf16", "int8", "nf4", "fp4")
 # 4-bit options keep the attention projections of this many leading decoder layers at int8: layer 0's
-# q/k/v/o at 8 bits cut the KL divergence of the next-item distribution from fp32's by 74 % on the
-# quickstart model and 18 % on the MovieLens one (nf4, 200 users each) for 0.3-0.4 % more bytes; no other
-# layer helped, and MLPs at int8 made it worse (down_proj's input has outliers that the dynamic int8
-# kernel's one activation scale per call resolves badly): benchmarks/results/quant_sensitivity.md
+# q/k/v/o at 8 bits cut the KL divergence of the next-item distribution from fp32's by 66 % on the
+# quickstart model and 25 % on the MovieLens one (nf4, 200 users each, weight-only int8) for 0.3-0.4 %
+# more bytes; layer 0's MLP at int8 as well (all@0) helped on MovieLens and not on the quickstart model,
+# and every down_proj at int8 cost 1.4-1.8 % more bytes and was no closer than the shipped layout:
+# benchmarks/results/quant_sensitivity.md
 INT8_ATTENTION_LAYERS = 1
 
 
