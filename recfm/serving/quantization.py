@@ -116,10 +116,10 @@ class Int8Linear(nn.Module):
     and fp32 activations: weight-only int8, so the weights' rounding is the only error and an answer
     does not depend on what else is in the batch. Products with a few rows (one to `ROWS` decoding
     sequences) run in recfm's native kernel (`native.gemv_int8`, reading the int8 bytes); more rows
-    (prefill, scoring), and machines where the kernel cannot be built, multiply the int8 values as
-    floats and scale the outputs: the same sum, in another order."""
+    (prefill, scoring), tensors on a GPU, and machines where the kernel cannot be built, multiply the
+    int8 values as floats and scale the outputs: the same sum, in another order."""
 
-    ROWS = 32  # the kernel ran 1-32 rows at 0.25-1.0x the time of the dequantized product (EPYC, 2 threads)
+    ROWS = 32  # the kernel ran 1-32 rows in 0.09-0.74x the time of the dequantized product (EPYC, 2 threads)
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
@@ -139,7 +139,7 @@ class Int8Linear(nn.Module):
         dtype = x.dtype
         x = x.float()
         rows = x.numel() // self.in_features
-        if self.kernel is not None and rows <= self.ROWS:
+        if self.kernel is not None and rows <= self.ROWS and x.is_cpu:
             out = self.kernel(x.reshape(rows, self.in_features), qweight, scale).view(*x.shape[:-1], -1)
         else:
             out = torch.nn.functional.linear(x, qweight.float()) * scale
@@ -209,9 +209,10 @@ class Linear4bit(nn.Module):
     def kernel_product(self, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, n: int) -> torch.Tensor | None:
         """x (..., in_features) times the 4-bit matrix of `n` output rows given by its packed codes and
         block scales (this layer's own, or several layers' concatenated: `fused_4bit`), by the kernel;
-        None when x belongs on bitsandbytes' path (more than ROWS rows, not fp32, or no kernel here)."""
+        None when x belongs on bitsandbytes' path (more than ROWS rows, not fp32, not on the CPU, or no
+        kernel here)."""
         rows = x.numel() // self.in_features
-        if self.kernel is None or rows > self.ROWS or x.dtype != torch.float32:
+        if self.kernel is None or rows > self.ROWS or x.dtype != torch.float32 or not x.is_cpu:
             return None
         out = self.kernel(x.reshape(rows, self.in_features), packed, absmax, self.code, n, self.block)
         return out.view(*x.shape[:-1], n)
