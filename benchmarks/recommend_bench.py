@@ -185,7 +185,8 @@ def main():
     raw["mean_std_over_seeds"] = summary
     machine = machine_info()
     raw["machine"] = machine
-    header = ["ranker", "seed", *METRICS, "train (s)"]
+    shown = METRICS + (("median_rank",) if args.split == "cold_items" else ())  # HR@K is often 0 for new items
+    header = ["ranker", "seed", *shown, "train (s)"]
     n_eval = next((v["users"] for k, v in raw.items() if k.startswith("recfm/")), len(domain.sequences))
     lines = [f"# Next-item prediction on {domain.name}", "",
              (f"Leave-one-out test, full ranking over {len(domain.item_ids)} items, history masked, "
@@ -202,7 +203,8 @@ def main():
              + " train (s): wall-clock seconds of pretraining + tuning as recorded when the run was trained.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, seed, m, secs in rows:
-        lines.append("| " + " | ".join([name, str(seed), *(f"{m.get(k, float('nan')):.4f}" for k in METRICS),
+        lines.append("| " + " | ".join([name, str(seed), *(f"{m.get(k, float('nan')):.4f}" if k != "median_rank" else
+                                                           f"{m.get(k, float('nan')):.1f}" for k in shown),
                                         f"{secs:.0f}"]) + " |")
     if summary:
         lines += ["", f"Mean ± std over seeds {args.seeds}:", "",

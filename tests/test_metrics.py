@@ -17,6 +17,8 @@ def test_ranks_and_ranking_metrics_by_hand():
     assert m["ndcg@2"] == pytest.approx((1 / math.log2(3)) / 2)
     assert m["ndcg@5"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(5)) / 2)
     assert m["mrr"] == pytest.approx((1 / 2 + 1 / 4) / 2)
+    assert m["median_rank"] == 3.0  # targets 2nd and 4th: the median of ranks 2 and 4
+    assert M.ranking_metrics(np.array([0, 7, 2]))["median_rank"] == 3.0
 
 
 def test_masked_items_never_outrank():
@@ -76,6 +78,7 @@ def test_random_ranking_metrics_by_hand():
     d = [1.0, 1 / np.log2(3), 0.5]
     assert m["ndcg@3"] == pytest.approx((sum(d) / 4 + sum(d[:2]) / 2) / 2)
     assert m["mrr"] == pytest.approx(((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4 + (1 + 1 / 2) / 2) / 2)
+    assert m["median_rank"] == pytest.approx((2.5 + 1.5) / 2)  # the middles of 4 and of 2 places
     # the same in expectation as ranking_metrics over every place the target can take
     from recfm.eval.metrics import ranking_metrics
 

@@ -21,7 +21,9 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def ranking_metrics(ranks: np.ndarray, ks=DEFAULT_KS) -> dict[str, float]:
-    """HR@K, NDCG@K (one relevant item) and MRR, averaged over users."""
+    """HR@K, NDCG@K (one relevant item) and MRR, averaged over users, and the median rank of the
+    target (1 = first): where HR@K is zero for every K, as for items new to a model, it still says
+    how far up the ranking they got."""
     ranks = np.asarray(ranks, dtype=np.float64)
     out = {}
     for k in ks:
@@ -29,13 +31,15 @@ def ranking_metrics(ranks: np.ndarray, ks=DEFAULT_KS) -> dict[str, float]:
         out[f"hr@{k}"] = float(hit.mean())
         out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
     out["mrr"] = float((1.0 / (ranks + 1.0)).mean())
+    out["median_rank"] = float(np.median(ranks) + 1.0)
     return out
 
 
 def random_ranking_metrics(n_candidates, ks=DEFAULT_KS) -> dict[str, float]:
     """What a uniformly random ranking scores in expectation, with each user's target uniformly placed
     among their n_candidates unmasked items: HR@K = K / n, NDCG@K = sum_{r<K} 1/log2(r+2) / n,
-    MRR = H_n / n, averaged over users."""
+    MRR = H_n / n, averaged over users; median rank: the median over users of the middle of their
+    n places, (n + 1) / 2."""
     out = {}
     ns = np.asarray(n_candidates, dtype=np.int64)
     disc = 1.0 / np.log2(np.arange(int(ns.max())) + 2.0)
@@ -46,6 +50,7 @@ def random_ranking_metrics(n_candidates, ks=DEFAULT_KS) -> dict[str, float]:
         out[f"hr@{k}"] = float((top / ns).mean())
         out[f"ndcg@{k}"] = float((cum_disc[top - 1] / ns).mean())
     out["mrr"] = float((harmonic[ns - 1] / ns).mean())
+    out["median_rank"] = float(np.median((ns + 1) / 2.0))
     return out
 
 
