@@ -242,6 +242,22 @@ def test_semantic_ids_rank_every_item_in_both_views(small_default, tok_dir, tmp_
     assert 0 <= report["tasks"]["pick_candidate"]["seen"]["accuracy"] <= 1
 
 
+def test_content_items_without_residuals_are_their_content_alone(small_default, tok_dir, tmp_path):
+    """item_id_residual: false builds a content-id model with no per-item vectors: two items with the
+    same content get the same vector, whatever training did."""
+    from recfm.foundation import RecFMForCausalLM
+
+    run = train(TrainConfig(stage="pretrain", domain=str(small_default.path), tokenizers=str(tok_dir), output=str(tmp_path / "r"),
+                            max_steps=1, item_mode="content", item_id_residual=False, **TINY), progress=False)
+    model = RecFMForCausalLM.from_pretrained(run).eval()
+    enc = model.model.item_encoder
+    assert model.config.item_id_residual is False and enc.id_residual is None
+    x = torch.randn(1, enc.text.in_features).expand(2, -1)
+    with torch.no_grad():
+        out = enc(x, x, torch.tensor([True, True]), torch.tensor([0, 5]))
+    assert torch.equal(out[0], out[1])
+
+
 def test_cold_item_split_trains_without_the_cold_items_and_ranks_them(small_default, tok_dir, tmp_path):
     """split cold_items: training never sees the cold items (not in examples, vocabulary order last),
     the run records its draw, evaluation asks for cold items only and refuses a run that saw them."""

@@ -64,6 +64,8 @@ class TrainConfig:
     focal_gamma: float = 0.0  # > 0: focal re-weighting of answer tokens (UniMP)
     context_loss_weight: float = 0.0  # predict history items' identifiers (pretrain sets 1.0)
     contrastive_loss_weight: float = 0.0  # image-text alignment (pretrain sets 0.1)
+    item_id_residual: bool = True  # content ids, a new model: a learned per-item vector added to each item's content
+    # vector; false: items are their content alone (the inductive setting: warm and new items scored alike)
     item_residual_dropout: float = 0.0  # content ids: the share of items read from their content alone in each
     # training pass (their learned per-item residual dropped, as in DropoutNet); 0.5 did not help cold items
     # --- LoRA (finetune) ---

@@ -212,7 +212,8 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
         if cfg.split == "cold_items":  # the vocabulary order from this split's training data: cold items last
             tokenizers.reindex(domain, split.train)
         model = build_model(cfg.preset, tokenizers, fusion=cfg.fusion, vision=cfg.vision, image_tokens=cfg.image_tokens,
-                            text_path=cfg.text_path, vision_path=cfg.vision_path, item_layout=cfg.item_layout, **knobs)
+                            text_path=cfg.text_path, vision_path=cfg.vision_path, item_layout=cfg.item_layout,
+                            item_id_residual=cfg.item_id_residual, **knobs)
     mc = model.config
     if cfg.split == "cold_items" and mc.item_mode == "atomic":
         raise ValueError(f"{cfg.init_from} has atomic item ids: split cold_items needs content or semantic ids")
