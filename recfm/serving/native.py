@@ -45,7 +45,8 @@ def _kernel(stem: str, fn: str):
         return None
     source = _CSRC / f"{stem}.cpp"
     try:
-        key = hashlib.sha256(source.read_bytes() + " ".join(
+        headers = b"".join(h.read_bytes() for h in sorted(_CSRC.glob("*.h")))  # what the sources include
+        key = hashlib.sha256(source.read_bytes() + headers + " ".join(
             [torch.__version__, platform.machine(), platform.processor(), torch.backends.cpu.get_cpu_capability(),
              *_FLAGS]).encode()).hexdigest()[:16]
         name = f"recfm_{stem}_{key}"

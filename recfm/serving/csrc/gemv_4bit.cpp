@@ -10,6 +10,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "rows.h"
+
 #include <algorithm>
 
 #ifdef __AVX2__
@@ -107,18 +109,6 @@ static void rows_avx2(const uint8_t* qp, const float* ap, const float* cp, const
     }
   }
 }
-
-#define RECFM_DISPATCH(FN, MM, ...) \
-  switch (MM) {                     \
-    case 1: FN<1>(__VA_ARGS__); break; \
-    case 2: FN<2>(__VA_ARGS__); break; \
-    case 3: FN<3>(__VA_ARGS__); break; \
-    case 4: FN<4>(__VA_ARGS__); break; \
-    case 5: FN<5>(__VA_ARGS__); break; \
-    case 6: FN<6>(__VA_ARGS__); break; \
-    case 7: FN<7>(__VA_ARGS__); break; \
-    default: FN<8>(__VA_ARGS__); break; \
-  }
 
 torch::Tensor gemv_4bit(torch::Tensor x, torch::Tensor packed, torch::Tensor absmax, torch::Tensor code, int64_t n,
                         int64_t block) {

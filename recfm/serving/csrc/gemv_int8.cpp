@@ -9,6 +9,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "rows.h"
+
 #include <algorithm>
 
 #ifdef __AVX2__
@@ -92,18 +94,6 @@ static void rows_avx2(const int8_t* qp, const float* sp, const float* xp, float*
       outp[r * n + o] = s * sp[o];
     }
 }
-
-#define RECFM_DISPATCH(FN, MM, ...) \
-  switch (MM) {                     \
-    case 1: FN<1>(__VA_ARGS__); break; \
-    case 2: FN<2>(__VA_ARGS__); break; \
-    case 3: FN<3>(__VA_ARGS__); break; \
-    case 4: FN<4>(__VA_ARGS__); break; \
-    case 5: FN<5>(__VA_ARGS__); break; \
-    case 6: FN<6>(__VA_ARGS__); break; \
-    case 7: FN<7>(__VA_ARGS__); break; \
-    default: FN<8>(__VA_ARGS__); break; \
-  }
 
 torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "gemv_int8: x must be (m, k) fp32");
