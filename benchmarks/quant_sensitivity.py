@@ -47,7 +47,7 @@ def layout_rule(layout: str):
     """The keep_int8(layer, name) predicate of a layout string."""
     from recfm.serving.quantization import int8_in_4bit
 
-    if layout in ("default", "int8"):
+    if layout in ("default", "int8"):  # int8: the int8 option itself, for reference (every layer at int8)
         return int8_in_4bit
     if layout == "4bit":
         return lambda layer, name: False
@@ -115,10 +115,7 @@ def measure_run(run_dir: Path, option: str, layouts: list[str], users: int) -> l
     for layout in tqdm(layouts, desc=f"{run_dir.name} layouts"):
         t0 = time.time()
         model = load_quantized(run_dir, "none")
-        if layout == "int8":  # the int8 option itself, for reference
-            quantize(model, "int8")
-        else:
-            quantize(model, option, keep_int8=layout_rule(layout))
+        quantize(model, "int8" if layout == "int8" else option, keep_int8=layout_rule(layout))
         run.model = model
         s, r = scores_and_ranks(run, rows, masked)
         log_q = torch.log_softmax(s.masked_fill(~finite, -1e30), -1)

@@ -204,8 +204,8 @@ def main():
              + " train (s): wall-clock seconds of pretraining + tuning as recorded when the run was trained.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, seed, m, secs in rows:
-        lines.append("| " + " | ".join([name, str(seed), *(f"{m.get(k, float('nan')):.4f}" if k != "median_rank" else
-                                                           f"{m.get(k, float('nan')):.1f}" for k in shown),
+        lines.append("| " + " | ".join([name, str(seed), *(f"{m.get(k, float('nan')):.{1 if k == 'median_rank' else 4}f}"
+                                                           for k in shown),
                                         f"{secs:.0f}"]) + " |")
     if summary:
         lines += ["", f"Mean ± std over seeds {args.seeds}:", "",

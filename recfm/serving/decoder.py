@@ -29,8 +29,9 @@ MLP, residuals; the norms are the model's own modules) with changes that do not 
 
 Quantized projections are fused too: int8 and 4-bit q/k/v and gate/up run as one call of recfm's
 int8 or 4-bit kernel over their concatenated rows (`quantization.fused_int8`, `fused_4bit`); anything
-else that is not a plain `nn.Linear` is called as a module. A decoder this pass does not know (extra norms inside attention, a different activation, sliding windows) is reported by
-`unsupported`, and the runner goes through the modules instead.
+else that is not a plain `nn.Linear` is called as a module. A decoder this pass does not know (extra
+norms inside attention, a different activation, sliding windows) is reported by `unsupported`, and
+the runner goes through the modules instead.
 The gated cross-attention blocks of cross-attention fusion run before their layer, as their forward
 pre-hook does in a full forward pass.
 """

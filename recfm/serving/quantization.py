@@ -128,7 +128,7 @@ class Int8Linear(nn.Module):
         w = lin.weight.detach().float()
         scale = w.abs().amax(1).clamp(min=1e-12) / 127
         self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("scale", scale)
         self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().float().clone())
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.kernel = native.gemv_int8()
@@ -153,6 +153,17 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _concatenated(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`tensors` end to end along dim 0 in one new tensor, and each of them as a view into it (so that
+    layers fused by `fused_int8` / `fused_4bit` keep no second copy of their weights)."""
+    whole = torch.cat(tensors)
+    views, at = [], 0
+    for t in tensors:
+        views.append(whole[at:at + len(t)])
+        at += len(t)
+    return whole, views
+
+
 def _to_int8(parent: nn.Module, name: str, lin: nn.Linear) -> None:
     setattr(parent, name, Int8Linear(lin))
 
@@ -167,12 +178,10 @@ def fused_int8(mods) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | Non
     if len(mods) < 2 or not all(type(m) is Int8Linear for m in mods) or \
             any(m.in_features != first.in_features or m.bias is not None for m in mods):
         return None
-    qweight = torch.cat([m.qweight for m in mods])
-    scale = torch.cat([m.scale for m in mods])
-    at = 0
-    for m in mods:
-        m.qweight, m.scale = qweight[at:at + m.out_features], scale[at:at + m.out_features]
-        at += m.out_features
+    qweight, qviews = _concatenated([m.qweight for m in mods])
+    scale, sviews = _concatenated([m.scale for m in mods])
+    for m, q, sc in zip(mods, qviews, sviews):
+        m.qweight, m.scale = q, sc
     sizes = [m.out_features for m in mods]
     return lambda h: first.product(h, qweight, scale).split(sizes, dim=-1)
 
@@ -237,15 +246,11 @@ def fused_4bit(mods) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | Non
     if any(m.in_features != first.in_features or m.block != first.block or m.inner.bias is not None
            or not torch.equal(m.code, first.code) for m in mods):
         return None
-    packed = torch.cat([m.inner.weight.data.reshape(-1) for m in mods])
-    absmax = torch.cat([m.absmax for m in mods])
-    at_p = at_a = 0
-    for m in mods:
-        w = m.inner.weight
-        n_p, n_a = w.data.numel(), m.absmax.numel()
-        w.data = packed[at_p:at_p + n_p].view(w.data.shape)
-        m.absmax = absmax[at_a:at_a + n_a]
-        at_p, at_a = at_p + n_p, at_a + n_a
+    packed, pviews = _concatenated([m.inner.weight.data.reshape(-1) for m in mods])
+    absmax, aviews = _concatenated([m.absmax for m in mods])
+    for m, p, a in zip(mods, pviews, aviews):
+        m.inner.weight.data = p.view(m.inner.weight.data.shape)
+        m.absmax = a
     sizes = [m.out_features for m in mods]
 
     def run(h: torch.Tensor) -> tuple[torch.Tensor, ...]:
