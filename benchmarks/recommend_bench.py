@@ -34,6 +34,9 @@ VARIANTS = {  # name -> training config overrides
     "early-content": dict(fusion="early", item_mode="content"),
     "early-content-dropout": dict(fusion="early", item_mode="content", item_residual_dropout=0.5),
     "early-content-nores": dict(fusion="early", item_mode="content", item_id_residual=False),
+    "early-content-conly": dict(fusion="early", item_mode="content", content_only_loss_weight=1.0),
+    "early-content-idf": dict(fusion="early", item_mode="content", item_text_pooling="idf"),
+    "early-content-idf-nores": dict(fusion="early", item_mode="content", item_text_pooling="idf", item_id_residual=False),
     "no-images": dict(fusion="early", item_mode="atomic", vision=None),
 }
 # variant -> (the variant whose pretraining run it continues, for the same seed; an identifier-only stage
@@ -79,7 +82,7 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
     else:
         pre = train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(stages[0]),
                                 max_steps=args.pretrain_steps, lr=2e-3, **common), progress=False)
-    for k in ("vision", "fusion", "item_mode", "item_layout", "item_id_residual"):  # the model's own, from the pretrained run
+    for k in ("vision", "fusion", "item_mode", "item_layout", "item_id_residual", "item_text_pooling"):  # the model's own, from the pretrained run
         common.pop(k, None)
     if variant in ID_STAGES and (stages[1] / "run.json").exists():  # a finished identifier-only stage of this seed
         pre = stages[1]
@@ -107,6 +110,8 @@ def result(report: dict, train_s: float) -> dict:
     pop = ndcg_per_user([pop_rank[u] for u in users])
     return {"seen": report["tasks"]["next_item"]["seen"], "held_out": report["tasks"]["next_item"]["held_out"],
             "id_sequence": report["tasks"]["next_item"].get("id_sequence"),
+            "among_new": report["tasks"].get("next_item_among_new"), "baselines_among_new": report.get("baselines_among_new"),
+            "cold_items": report.get("cold_items"),
             "train_s": train_s, "baselines": report["baselines"], "per_user_ndcg": per_user,
             "vs_popularity": paired_test([per_user[u] for u in users], pop), "users": report["users"]}
 
@@ -149,9 +154,9 @@ def main():
     if not (tok_dir / "tokenizers.json").exists():
         tokenize_domain(domain_dir, tok_dir, vocab_size=4096, vq_steps=args.vq_steps, vq_codebook=256, vq_channels=32,
                         vq_batch_size=32, progress=False)
-    rows, raw = [], {"settings": {k: ([str(p) for p in v] if k == "collect" and v else str(v) if isinstance(v, Path) else v)
+    rows, new_rows, raw = [], [], {"settings": {k: ([str(p) for p in v] if k == "collect" and v else str(v) if isinstance(v, Path) else v)
                                   for k, v in vars(args).items()}}
-    baselines = None
+    baselines = new_baselines = None
     for seed in args.seeds:
         for variant in args.variants:
             r = collected[f"recfm/{variant}/seed{seed}"] if collected else run_recfm(domain_dir, tok_dir, work, variant, seed, args)
@@ -161,6 +166,11 @@ def main():
             rows.append((f"recfm {variant} (held-out template)", seed, r["held_out"], r["train_s"]))
             if r["id_sequence"]:
                 rows.append((f"recfm {variant} (identifier-sequence view)", seed, r["id_sequence"], r["train_s"]))
+            for view, label in (("seen", "seen template"), ("held_out", "held-out template"),
+                                ("id_sequence", "identifier-sequence view")):
+                if (r.get("among_new") or {}).get(view):
+                    new_rows.append((f"recfm {variant} ({label})", seed, r["among_new"][view], r["train_s"]))
+            new_baselines = r.get("baselines_among_new") or new_baselines
         if collected and f"sasrec/seed{seed}" in collected:
             s = collected[f"sasrec/seed{seed}"]
             raw[f"sasrec/seed{seed}"] = s
@@ -176,6 +186,8 @@ def main():
     for name, m in (baselines or {}).items():
         if isinstance(m, dict) and "hr@10" in m:
             rows.append((name.replace("_", " "), "-", m, 0.0))
+    for name, m in (new_baselines or {}).items():
+        new_rows.append((name.replace("_", " "), "-", m, 0.0))
     # mean +- std over seeds of every ranker that ran with more than one seed
     by_name: dict[str, list] = {}
     for name, seed, m, secs in rows:
@@ -207,6 +219,15 @@ def main():
         lines.append("| " + " | ".join([name, str(seed), *(f"{m.get(k, float('nan')):.{1 if k == 'median_rank' else 4}f}"
                                                            for k in shown),
                                         f"{secs:.0f}"]) + " |")
+    if new_rows:  # the item cold-start protocol: the target ranked against the other new items only
+        n_new = next(v["cold_items"] for k, v in raw.items() if k.startswith("recfm/") and v.get("cold_items"))
+        lines += ["", f"The same targets ranked among the {n_new} new items alone (the item cold-start protocol, as "
+                  "DropoutNet and CLCRec report it): does the model tell the new items apart by their content?", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join([name, str(seed), *(f"{m.get(k, float('nan')):.{1 if k == 'median_rank' else 4}f}"
+                                                        for k in shown), f"{secs:.0f}"]) + " |"
+                  for name, seed, m, secs in new_rows]
+        raw["among_new_rows"] = [{"ranker": n, "seed": sd, **m} for n, sd, m, _ in new_rows]
     if summary:
         lines += ["", f"Mean ± std over seeds {args.seeds}:", "",
                   "| ranker | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 1)]
@@ -233,7 +254,7 @@ def main():
         lines += [f"- {k}: `{collected['_from'][k]}`" for k in raw if k in collected["_from"]]
     lines += ["", f"Machine: {json.dumps(machine)}", f"Settings: {json.dumps(raw['settings'])}"]
     stem = write_result(args.name or f"recommend_{domain.name}", "\n".join(lines), raw, args.out)
-    plot(rows, stem.with_suffix(".png"), domain.name)
+    plot(rows, stem.with_suffix(".png"), domain.name, args.split)
     print("\n".join(lines))
 
 
@@ -260,7 +281,7 @@ def _collect(args) -> dict:
     return found
 
 
-def plot(rows, out: Path, name: str) -> None:
+def plot(rows, out: Path, name: str, split: str = "leave_one_out") -> None:
     """NDCG@10 and HR@10 of every ranker, one dot per seed."""
     import matplotlib
 
@@ -276,7 +297,7 @@ def plot(rows, out: Path, name: str) -> None:
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set_xlabel(metric)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"next-item prediction on {name} (full ranking, leave-one-out)")
+    fig.suptitle(f"next-item prediction on {name} (full ranking, {'new items' if split == 'cold_items' else 'leave-one-out'})")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 

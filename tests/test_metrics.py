@@ -21,6 +21,13 @@ def test_ranks_and_ranking_metrics_by_hand():
     assert M.ranking_metrics(np.array([0, 7, 2]))["median_rank"] == 3.0
 
 
+def test_ranks_within_a_subset_by_hand():
+    scores = np.array([[0.1, 0.9, 0.5, 0.7, -np.inf], [3.0, 2.0, 1.0, 0.0, 5.0]])
+    # row 0: target 2 (0.5) among items {2, 3, 4}: only 3 (0.7) is above; row 1: target 3 (0.0): 2 and 4 are
+    assert M.ranks_within(scores, np.array([2, 3]), np.array([2, 3, 4])).tolist() == [1, 2]
+    assert M.ranks_within(scores, np.array([2, 0]), np.array([0, 2])).tolist() == [0, 0]
+
+
 def test_masked_items_never_outrank():
     s = np.array([[-np.inf, -np.inf, 0.0]])
     assert M.target_ranks(s, np.array([2])).tolist() == [0]
@@ -84,3 +91,19 @@ def test_random_ranking_metrics_by_hand():
 
     exact = ranking_metrics(np.arange(5), ks=(1, 3))
     assert random_ranking_metrics([5], ks=(1, 3)) == pytest.approx(exact)
+
+
+def test_content_profile_baseline_by_hand():
+    """TF-IDF over words of two or more items (red: a, b; apple: a, d), idf log(4 / 2) for both: a is
+    (1, 1) / sqrt 2, b (1, 0), c nothing, d (0, 1). A user who had a scores b and d 1 / sqrt 2 each
+    (b first, catalogue order), c 0, and a itself is masked."""
+    from types import SimpleNamespace
+
+    from recfm.eval.runner import content_profile_ranks
+
+    texts = {"a": "Red apple", "b": "red car", "c": "blue sky", "d": "green APPLE"}
+    domain = SimpleNamespace(items=[{"item_id": i, "title": t, "text": None} for i, t in texts.items()])
+    rows = [{"history": ["a"], "target": t} for t in ("b", "c", "d")]
+    assert content_profile_ranks(domain, rows, list(texts)) == [0, 2, 1]
+    ranks, within = content_profile_ranks(domain, rows, list(texts), among=[2, 3])
+    assert ranks == [0, 2, 1] and within == [0, 1, 0]  # among c and d alone (b is not one of them)

@@ -20,6 +20,14 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return (scores > t[:, None]).sum(1)
 
 
+def ranks_within(scores: np.ndarray, targets: np.ndarray, subset: np.ndarray) -> np.ndarray:
+    """0-based ranks of the targets among the `subset` items alone (catalogue indices; each target is
+    one of them): how many of those items score above it."""
+    scores = np.asarray(scores)
+    t = scores[np.arange(len(targets)), targets]
+    return (scores[:, np.asarray(subset, dtype=np.int64)] > t[:, None]).sum(1)
+
+
 def ranking_metrics(ranks: np.ndarray, ks=DEFAULT_KS) -> dict[str, float]:
     """HR@K, NDCG@K (one relevant item) and MRR, averaged over users, and the median rank of the
     target (1 = first): where HR@K is zero for every K, as for items new to a model, it still says

@@ -7,25 +7,35 @@ from rich.table import Table
 RANK_COLS = ("hr@5", "hr@10", "hr@20", "ndcg@10", "mrr")
 
 
-def ranking_rows(report: dict) -> list[tuple[str, dict]]:
+def ranking_rows(report: dict, among_new: bool = False) -> list[tuple[str, dict]]:
+    """(ranker, metrics) of next-item prediction: over the whole catalogue, or (cold-item split,
+    `among_new`) with the targets ranked among the new items alone."""
+    task, baselines = ("next_item_among_new", "baselines_among_new") if among_new else ("next_item", "baselines")
     rows = [("recfm (identifier-sequence view)" if k == "id_sequence" else f"recfm ({k.replace('_', '-')} templates)", v)
-            for k, v in report["tasks"].get("next_item", {}).items()]
-    rows += [(k.replace("_", " "), v) for k, v in report["baselines"].items() if isinstance(v, dict) and "hr@10" in v]
+            for k, v in report["tasks"].get(task, {}).items()]
+    rows += [(k.replace("_", " "), v) for k, v in report.get(baselines, {}).items() if isinstance(v, dict) and "hr@10" in v]
     return rows
 
 
 def print_report(report: dict, console) -> None:
     oracle = report["baselines"].get("oracle")
-    t = Table(title=f"next item, full ranking over the catalogue ({report['domain']}, {report['stage']}, {report['users']} users)")
-    t.add_column("ranker")
-    for c in RANK_COLS:
-        t.add_column(c, justify="right")
-    if oracle:
-        t.add_column("NDCG@10 / oracle", justify="right")
-    for name, m in ranking_rows(report):
-        extra = [f"{m['ndcg@10'] / oracle['ndcg@10']:.2f}"] if oracle else []
-        t.add_row(name, *(f"{m[c]:.4f}" for c in RANK_COLS), *extra)
-    console.print(t)
+    cols = RANK_COLS + (("median_rank",) if report.get("split") == "cold_items" else ())
+    titles = {False: f"next item, full ranking over the catalogue ({report['domain']}, {report['stage']}, {report['users']} users)",
+              True: f"the same targets ranked among the {report.get('cold_items')} new items alone"}
+    for among_new in (False, True):
+        rows = ranking_rows(report, among_new)
+        if not rows:
+            continue
+        t = Table(title=titles[among_new])
+        t.add_column("ranker")
+        for c in cols:
+            t.add_column(c.replace("_", " "), justify="right")
+        if oracle:
+            t.add_column("NDCG@10 / oracle", justify="right")
+        for name, m in rows:
+            extra = [f"{m['ndcg@10'] / oracle['ndcg@10']:.2f}"] if oracle else []
+            t.add_row(name, *(f"{m[c]:.{1 if c == 'median_rank' else 4}f}" for c in cols), *extra)
+        console.print(t)
     o = Table(title="other tasks (seen / held-out templates; baseline)")
     for c in ("task", "metric", "seen", "held-out", "baseline"):
         o.add_column(c, justify="left" if c in ("task", "metric") else "right")
@@ -33,7 +43,7 @@ def print_report(report: dict, console) -> None:
                    "explanation": "explanation_retrieval", "review": "review_retrieval",
                    "image_generation": "image_generation_unpersonalized"}
     for task, by in report["tasks"].items():
-        if task == "next_item":
+        if task in ("next_item", "next_item_among_new"):
             continue
         base = report["baselines"].get(baseline_of.get(task, ""), {})
         metrics = list(next(iter(by.values())).keys())

@@ -107,12 +107,18 @@ def ranking_scores(run: LoadedRun, rows: list[dict], masked: dict[str, list[str]
 
 
 def eval_ranking(run: LoadedRun, rows: list[dict], masked: dict[str, list[str]], batch_size: int = 16,
-                 progress: bool = True, id_sequence: int = 0) -> list[int]:
-    """0-based rank of each row's target in the full catalogue ranking (`ranking_scores`)."""
-    ranks = []
+                 progress: bool = True, id_sequence: int = 0, among: list[int] | None = None):
+    """0-based rank of each row's target in the full catalogue ranking (`ranking_scores`). With `among`
+    (catalogue indices, each target one of them), the pair (those ranks, the ranks among these items
+    alone) from the same pass."""
+    ranks, within = [], []
+    subset = np.asarray(among if among is not None else [], dtype=np.int64)
     for _, scores, targets in ranking_scores(run, rows, masked, batch_size, progress, id_sequence):
-        ranks += M.target_ranks(scores.numpy(), targets).tolist()
-    return ranks
+        s = scores.numpy()
+        ranks += M.target_ranks(s, targets).tolist()
+        if among is not None:
+            within += M.ranks_within(s, targets, subset).tolist()
+    return (ranks, within) if among is not None else ranks
 
 
 def eval_options(run: LoadedRun, rows: list[dict], options: list[str], batch_size: int = 16) -> np.ndarray:
@@ -181,6 +187,46 @@ def popularity_ranks(split, rows: list[dict], catalogue: list[str]) -> list[int]
         s[[pos[i] for i in r["history"]]] = -np.inf
         ranks.append(int((s > s[pos[r["target"]]]).sum()))
     return ranks
+
+
+def content_profile_ranks(domain, rows: list[dict], catalogue: list[str], among: list[int] | None = None):
+    """A content-only baseline that needs no training: every item is the TF-IDF vector of the words of
+    its title and text (words of two or more items), a user is the mean vector of their history, and
+    items are ranked by cosine to it, the history masked. 0-based ranks of each row's target, or with
+    `among` (catalogue indices) the pair (ranks, ranks among those items alone)."""
+    import re
+
+    by_id = {r["item_id"]: f"{r['title'] or ''} {r['text'] or ''}" for r in domain.items}
+    words = [set(re.findall(r"\w+", by_id.get(i, "").lower())) for i in catalogue]
+    df = Counter(w for ws in words for w in ws)
+    vocab = {w: k for k, w in enumerate(w for w, n in df.items() if n >= 2)}
+    # the item-word matrix, sparse: one entry per (item, word) of the vocabulary, rows L2-normalised
+    item_of, word_of, weight = [], [], []
+    for r, ws in enumerate(words):
+        entries = [(vocab[w], np.log(len(catalogue) / df[w])) for w in ws if w in vocab]
+        item_of += [r] * len(entries)
+        word_of += [k for k, _ in entries]
+        weight += [v for _, v in entries]
+    item_of, word_of, weight = np.asarray(item_of, dtype=np.int64), np.asarray(word_of, dtype=np.int64), np.asarray(weight)
+    norms = np.sqrt(np.bincount(item_of, weights=weight**2, minlength=len(catalogue)))
+    weight = weight / np.maximum(norms[item_of], 1e-12)
+    starts = np.searchsorted(item_of, np.arange(len(catalogue) + 1))
+    pos = {i: k for k, i in enumerate(catalogue)}
+    subset = np.asarray(among if among is not None else [], dtype=np.int64)
+    tie_break = -np.arange(len(catalogue)) * 1e-12  # equal scores (no shared word) in catalogue order, as popularity
+    ranks, within = [], []
+    for r in rows:
+        h = [pos[i] for i in r["history"]]
+        profile = np.zeros(len(vocab))
+        for i in h:
+            np.add.at(profile, word_of[starts[i]:starts[i + 1]], weight[starts[i]:starts[i + 1]] / len(h))
+        s = np.bincount(item_of, weights=weight * profile[word_of], minlength=len(catalogue)) + tie_break
+        s[h] = -np.inf
+        t = np.asarray([pos[r["target"]]])
+        ranks.append(int(M.target_ranks(s[None], t)[0]))
+        if among is not None:
+            within.append(int(M.ranks_within(s[None], t, subset)[0]))
+    return (ranks, within) if among is not None else ranks
 
 
 def bias_rating_baseline(split, rows: list[dict]) -> list[float]:
@@ -298,24 +344,41 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
     if "next_item" in by_task:
         rs = by_task["next_item"]
         masked = {e["user_id"]: list(e["history"]) for e in examples}
-        ranks = eval_ranking(run, rs, masked, batch_size, progress)
+        cold = split_name == "cold_items"
+        # new items: also each target's rank among the new items alone (the item cold-start protocol)
+        among = [run.tok.items.index(i) for i in split.cold_items] if cold else None
+        ranks = eval_ranking(run, rs, masked, batch_size, progress, among=among)
+        if cold:
+            ranks, ranks_new = ranks
+            T["next_item_among_new"] = _by_template(rs, ranks_new, M.ranking_metrics)
         T["next_item"] = _by_template(rs, ranks, M.ranking_metrics)
         report["per_example"]["next_item"] = [{"user_id": r["user_id"], "held_out": r["held_out"], "rank": k}
                                               for r, k in zip(rs, ranks)]
         length = _id_sequence_length(Path(run_dir))
         if length:  # the view pretraining taught, one row per user
             first = [r for r in rs if r["template_id"] == rs[0]["template_id"]]
-            seq_ranks = eval_ranking(run, first, masked, batch_size, progress, id_sequence=length)
+            seq_ranks = eval_ranking(run, first, masked, batch_size, progress, id_sequence=length, among=among)
+            if cold:
+                seq_ranks, seq_new = seq_ranks
+                T["next_item_among_new"]["id_sequence"] = M.ranking_metrics(seq_new)
             T["next_item"]["id_sequence"] = M.ranking_metrics(seq_ranks)
             report["per_example"]["next_item_id_sequence"] = [{"user_id": r["user_id"], "rank": k}
                                                               for r, k in zip(first, seq_ranks)]
         pop = popularity_ranks(split, list(examples), domain.item_ids)
         report["baselines"]["popularity"] = M.ranking_metrics(pop)
         report["per_example"]["popularity"] = [{"user_id": e["user_id"], "rank": k} for e, k in zip(examples, pop)]
-        if split_name == "cold_items":
+        profile = content_profile_ranks(domain, list(examples), domain.item_ids,
+                                        among=[domain.item_ids.index(i) for i in split.cold_items] if cold else None)
+        if cold:
+            profile, profile_new = profile
+            report["baselines_among_new"] = {
+                "content_profile": M.ranking_metrics(profile_new),
+                "random": M.random_ranking_metrics([len(split.cold_items)] * len(examples))}
             report["cold_items"] = len(split.cold_items)
             report["baselines"]["random"] = M.random_ranking_metrics(
                 [len(domain.item_ids) - len(set(e["history"])) for e in examples])
+        report["baselines"]["content_profile"] = M.ranking_metrics(profile)
+        report["per_example"]["content_profile"] = [{"user_id": e["user_id"], "rank": k} for e, k in zip(examples, profile)]
         if domain.generator is not None:  # the oracle on exactly these examples
             from ..data.oracle import oracle_metrics
 
