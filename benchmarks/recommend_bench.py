@@ -34,9 +34,6 @@ VARIANTS = {  # name -> training config overrides
     "early-content": dict(fusion="early", item_mode="content"),
     "early-content-dropout": dict(fusion="early", item_mode="content", item_residual_dropout=0.5),
     "early-content-nores": dict(fusion="early", item_mode="content", item_id_residual=False),
-    "early-content-conly": dict(fusion="early", item_mode="content", content_only_loss_weight=1.0),
-    "early-content-idf": dict(fusion="early", item_mode="content", item_text_pooling="idf"),
-    "early-content-idf-nores": dict(fusion="early", item_mode="content", item_text_pooling="idf", item_id_residual=False),
     "no-images": dict(fusion="early", item_mode="atomic", vision=None),
 }
 # variant -> (the variant whose pretraining run it continues, for the same seed; an identifier-only stage
@@ -82,7 +79,7 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
     else:
         pre = train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(stages[0]),
                                 max_steps=args.pretrain_steps, lr=2e-3, **common), progress=False)
-    for k in ("vision", "fusion", "item_mode", "item_layout", "item_id_residual", "item_text_pooling"):  # the model's own, from the pretrained run
+    for k in ("vision", "fusion", "item_mode", "item_layout", "item_id_residual"):  # the model's own, from the pretrained run
         common.pop(k, None)
     if variant in ID_STAGES and (stages[1] / "run.json").exists():  # a finished identifier-only stage of this seed
         pre = stages[1]

@@ -24,6 +24,7 @@ from recfm.foundation.generation import beam_items, generate_image_codes, genera
 from recfm.instructions import Item, RenderContext, build_training_examples, render
 from recfm.instructions.chat import IGNORE
 from recfm.tokenizers.bundle import Tokenizers
+from recfm.training.collate import item_description
 
 FUSIONS = ("early", "cross_attention")
 ITEM_MODES = ("atomic", "semantic", "content")
@@ -96,7 +97,7 @@ def load_catalogue(world: World, model: RecFMForCausalLM, toks: Tokenizers) -> N
     has_image = torch.zeros(n, dtype=torch.bool)
     for k, iid in enumerate(toks.items.item_ids):
         row = world.domain.item(iid)
-        ids = toks.text.encode(f"{row['title']}. {row['text']}", add_special_tokens=False)[:length]
+        ids = toks.text.encode(item_description(row["title"], row["text"]), add_special_tokens=False)[:length]
         text_ids[k, : len(ids)] = torch.tensor(ids)
         if row["image_path"] and k % 5 != 4:  # every fifth item without its image: the no-image path
             pixels[k], has_image[k] = world.pixels(iid, size), True

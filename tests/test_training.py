@@ -407,3 +407,12 @@ def test_rows_are_measured_for_batching_by_length(small_default, tok_dir):
     tight = Collator(render_context(tok, small_default, model.config, 12), ItemImages(small_default, 32), model.config)
     kept, dropped = _measure(rows, tight)
     assert dropped > 0 and len(kept) + dropped == len(rows) and max(kept["length"]) <= 12
+
+
+def test_item_description_reads_a_repeated_title_once():
+    from recfm.training.collate import item_description
+
+    assert item_description("Toy Story (1995)", "Toy Story (1995). Genres: Comedy.") == "Toy Story (1995). Genres: Comedy."
+    assert item_description("Lamp", "A lamp for the desk.") == "Lamp. A lamp for the desk."
+    assert item_description(None, "Only text") == "Only text" and item_description("Only title", None) == "Only title"
+    assert item_description(None, None) == ""

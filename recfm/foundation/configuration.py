@@ -49,7 +49,7 @@ class RecFMConfig(PreTrainedConfig):
     n_item_tokens: int = 0
     item_id_residual: bool = True  # content mode: a learned per-item vector added to the content embedding
     item_residual_dropout: float = 0.0  # content mode, training only: share of item vectors read without it
-    item_text_len: int = 16  # content mode: tokens of an item's text the item encoder reads
+    item_text_len: int = 32  # content mode: tokens of an item's text the item encoder reads
     # how a history item is serialized: "content_first" <|item|> <image> <id> title <|/item|>, or
     # "id_first" <|item|> <id> <image> title <|/item|> (the context loss then predicts each history
     # item from the items before it instead of from its own picture)
