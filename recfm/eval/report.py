@@ -50,7 +50,8 @@ def print_report(report: dict, console) -> None:
         for m in metrics:
             fmt = lambda d: f"{d[m]:.3f}" if d and m in d else "-"
             o.add_row(task.replace("_", " "), m, fmt(by.get("seen")), fmt(by.get("held_out")), fmt(base))
-    console.print(o)
+    if o.row_count:
+        console.print(o)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
