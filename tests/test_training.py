@@ -293,9 +293,15 @@ def test_cold_item_split_trains_without_the_cold_items_and_ranks_them(small_defa
 
     report = evaluate(pre, small_default.path, split="cold_items", progress=False)
     assert report["split"] == "cold_items" and report["users"] == len(split.test) > 0
-    assert set(report["tasks"]) == {"next_item"}
-    assert {"random", "popularity"} <= set(report["baselines"])
+    assert set(report["tasks"]) == {"next_item", "next_item_among_new"}  # full ranking, and among the new items
+    assert {"random", "popularity", "content_profile"} <= set(report["baselines"])
     assert report["baselines"]["random"]["hr@10"] == pytest.approx(10 / 80, rel=0.2)
+    n_new = report["cold_items"]
+    assert n_new == len(split.cold_items)
+    among, full = report["tasks"]["next_item_among_new"]["seen"], report["tasks"]["next_item"]["seen"]
+    assert 1 <= among["median_rank"] <= min(n_new, full["median_rank"])  # a place among fewer items, never lower
+    assert report["baselines_among_new"]["random"]["median_rank"] == (n_new + 1) / 2
+    assert 1 <= report["baselines_among_new"]["content_profile"]["median_rank"] <= n_new
     with pytest.raises(ValueError, match="cold items were in its training data"):
         evaluate(tmp_path / "missing-run-json", small_default.path, split="cold_items")
 
