@@ -212,18 +212,17 @@ def main():
                 "early stopping on validation NDCG@10; its test (user, item) pairs were checked equal to recfm's.")
              + " train (s): wall-clock seconds of pretraining + tuning as recorded when the run was trained.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, seed, m, secs in rows:
-        lines.append("| " + " | ".join([name, str(seed), *(f"{m.get(k, float('nan')):.{1 if k == 'median_rank' else 4}f}"
-                                                           for k in shown),
-                                        f"{secs:.0f}"]) + " |")
+    def table_row(name, seed, m, secs) -> str:
+        cells = (f"{m.get(k, float('nan')):.{1 if k == 'median_rank' else 4}f}" for k in shown)
+        return "| " + " | ".join([name, str(seed), *cells, f"{secs:.0f}"]) + " |"
+
+    lines += [table_row(*r) for r in rows]
     if new_rows:  # the item cold-start protocol: the target ranked against the other new items only
         n_new = next(v["cold_items"] for k, v in raw.items() if k.startswith("recfm/") and v.get("cold_items"))
         lines += ["", f"The same targets ranked among the {n_new} new items alone (the item cold-start protocol, as "
                   "DropoutNet and CLCRec report it): does the model tell the new items apart by their content?", "",
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join([name, str(seed), *(f"{m.get(k, float('nan')):.{1 if k == 'median_rank' else 4}f}"
-                                                        for k in shown), f"{secs:.0f}"]) + " |"
-                  for name, seed, m, secs in new_rows]
+        lines += [table_row(*r) for r in new_rows]
         raw["among_new_rows"] = [{"ranker": n, "seed": sd, **m} for n, sd, m, _ in new_rows]
     if summary:
         lines += ["", f"Mean ± std over seeds {args.seeds}:", "",

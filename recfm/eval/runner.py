@@ -364,11 +364,13 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
             T["next_item"]["id_sequence"] = M.ranking_metrics(seq_ranks)
             report["per_example"]["next_item_id_sequence"] = [{"user_id": r["user_id"], "rank": k}
                                                               for r, k in zip(first, seq_ranks)]
-        pop = popularity_ranks(split, list(examples), domain.item_ids)
+        catalogue = domain.item_ids  # read once: each read of the property materialises the column
+        pop = popularity_ranks(split, list(examples), catalogue)
         report["baselines"]["popularity"] = M.ranking_metrics(pop)
         report["per_example"]["popularity"] = [{"user_id": e["user_id"], "rank": k} for e, k in zip(examples, pop)]
-        profile = content_profile_ranks(domain, list(examples), domain.item_ids,
-                                        among=[domain.item_ids.index(i) for i in split.cold_items] if cold else None)
+        position = {i: k for k, i in enumerate(catalogue)}
+        profile = content_profile_ranks(domain, list(examples), catalogue,
+                                        among=[position[i] for i in split.cold_items] if cold else None)
         if cold:
             profile, profile_new = profile
             report["baselines_among_new"] = {
@@ -376,7 +378,7 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
                 "random": M.random_ranking_metrics([len(split.cold_items)] * len(examples))}
             report["cold_items"] = len(split.cold_items)
             report["baselines"]["random"] = M.random_ranking_metrics(
-                [len(domain.item_ids) - len(set(e["history"])) for e in examples])
+                [len(catalogue) - len(set(e["history"])) for e in examples])
         report["baselines"]["content_profile"] = M.ranking_metrics(profile)
         report["per_example"]["content_profile"] = [{"user_id": e["user_id"], "rank": k} for e, k in zip(examples, profile)]
         if domain.generator is not None:  # the oracle on exactly these examples
