@@ -351,6 +351,8 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
         if cold:
             ranks, ranks_new = ranks
             T["next_item_among_new"] = _by_template(rs, ranks_new, M.ranking_metrics)
+            report["per_example"]["next_item_among_new"] = [
+                {"user_id": r["user_id"], "held_out": r["held_out"], "rank": k} for r, k in zip(rs, ranks_new)]
         T["next_item"] = _by_template(rs, ranks, M.ranking_metrics)
         report["per_example"]["next_item"] = [{"user_id": r["user_id"], "held_out": r["held_out"], "rank": k}
                                               for r, k in zip(rs, ranks)]
