@@ -236,3 +236,29 @@ def test_constrained_beam_search_with_generate(mode, one_thread):
         found = [items.decode(row[:length]) for row in out]
         assert all(f in IDS for f in found)  # 100 % real items
         assert len(set(found[:4])) == 4 and len(set(found[4:])) == 4
+
+
+# --- items as bags of words (the item encoder's words mode, the content-profile baseline) ------------
+
+
+def test_word_vocabulary_keeps_shared_words_with_their_idf():
+    import math
+
+    from recfm.tokenizers.words import WordVocabulary, item_words
+
+    texts = ["Toy Story (1995). Genres: Animation, Comedy", "Heat (1995). Genres: Action, Crime",
+             "Casino (1995). Genres: Crime, Drama", "Twister (1996). Genres: Action", None]
+    assert item_words(texts[0]) == {"toy", "story", "1995", "genres", "animation", "comedy"}
+    vocab = WordVocabulary.from_texts(texts, min_df=2)
+    # df: genres 4, 1995 3, action 2, crime 2; most frequent first, ties by spelling; words of one item are out
+    assert vocab.words == ("genres", "1995", "action", "crime")
+    assert vocab.idf == pytest.approx((math.log(5 / 4), math.log(5 / 3), math.log(5 / 2), math.log(5 / 2)))
+    ids, weights = vocab.encode("HEAT 2: crime, crime & action (1995)", max_words=8)
+    # binary term frequency, heaviest first, L2-normalised; "heat" and "2" are not in the vocabulary
+    assert ids == [2, 3, 1]
+    raw = [math.log(5 / 2), math.log(5 / 2), math.log(5 / 3)]
+    assert weights == pytest.approx([r / math.sqrt(sum(x * x for x in raw)) for r in raw])
+    assert vocab.encode("crime action 1995", max_words=2)[0] == [2, 3]  # the 2 heaviest
+    assert vocab.encode("nothing shared here", max_words=8) == ([], [])
+    with pytest.raises(ValueError, match="min_df"):
+        WordVocabulary.from_texts(texts, min_df=0)

@@ -258,6 +258,45 @@ def test_content_items_without_residuals_are_their_content_alone(small_default, 
     assert torch.equal(out[0], out[1])
 
 
+def test_words_mode_reads_the_words_training_items_share(small_default, tok_dir, tmp_path):
+    """item_text: words: the vocabulary comes from the items seen in training (on the cold split a word
+    only new items have is not in it), every item's words are in the saved model, and an item's vector
+    is its words (and image): two items with the same words and image get the same vector."""
+    from recfm.data import cold_item_split
+    from recfm.foundation import RecFMForCausalLM
+    from recfm.tokenizers.bundle import Tokenizers
+    from recfm.tokenizers.words import WordVocabulary, item_words
+    from recfm.training.collate import item_description
+
+    run = train(TrainConfig(stage="pretrain", domain=str(small_default.path), tokenizers=str(tok_dir), output=str(tmp_path / "r"),
+                            max_steps=1, item_mode="content", item_id_residual=False, item_text="words", item_word_min_df=2,
+                            split="cold_items", cold_fraction=0.1, cold_seed=3, **TINY), progress=False)
+    model = RecFMForCausalLM.from_pretrained(run).eval()
+    index = Tokenizers(run).index
+    texts = {r["item_id"]: item_description(r["title"], r["text"]) for r in small_default.items}
+    warm = [texts[i] for i in index.item_ids[: index.n_train_items]]
+    vocab = WordVocabulary.from_texts(warm, 2)
+    assert model.config.item_text == "words" and tuple(model.config.item_word_vocab) == vocab.words
+    cold = cold_item_split(small_default, 0.1, 3).cold_items
+    warm_words = [w for t in warm for w in item_words(t)]
+    assert not {w for i in cold for w in item_words(texts[i])} - set(warm_words) & set(vocab.words)
+    m = model.model
+    for k in (0, index.n_train_items, len(index) - 1):  # a warm item and new ones: their words as saved
+        ids, weights = vocab.encode(texts[index.item_ids[k]], model.config.item_text_len)
+        assert m.catalogue_word_ids[k, : len(ids)].tolist() == ids and int((m.catalogue_word_ids[k] >= 0).sum()) == len(ids)
+        assert m.catalogue_word_weights[k, : len(ids)].tolist() == pytest.approx(weights)
+    enc = m.item_encoder
+    assert enc.words.num_embeddings == len(vocab)
+    img = torch.randn(1, enc.image.in_features).expand(3, -1)
+    words = torch.tensor([[0, 1, -1], [0, 1, -1], [0, 2, -1]])
+    weights = torch.tensor([[0.6, 0.8, 0.5]]).expand(3, -1)
+    with torch.no_grad():
+        out = enc(None, img, torch.tensor([True] * 3), torch.tensor([0, 5, 7]), word_ids=words, word_weights=weights)
+    assert torch.equal(out[0], out[1]) and not torch.allclose(out[0], out[2])
+    with pytest.raises(ValueError, match="item_text"):
+        TrainConfig(stage="pretrain", domain=str(small_default.path), tokenizers=str(tok_dir), item_text="letters").validate()
+
+
 def test_cold_item_split_trains_without_the_cold_items_and_ranks_them(small_default, tok_dir, tmp_path):
     """split cold_items: training never sees the cold items (not in examples, vocabulary order last),
     the run records its draw, evaluation asks for cold items only and refuses a run that saw them."""

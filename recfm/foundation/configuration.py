@@ -18,6 +18,7 @@ from transformers.configuration_utils import SubConfigSpec
 FUSIONS = ("early", "cross_attention")
 ITEM_MODES = ("atomic", "semantic", "content")
 ITEM_LAYOUTS = ("content_first", "id_first")
+ITEM_TEXTS = ("tokens", "words", "both")
 PROJECTORS = ("mlp", "resampler")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -49,7 +50,12 @@ class RecFMConfig(PreTrainedConfig):
     n_item_tokens: int = 0
     item_id_residual: bool = True  # content mode: a learned per-item vector added to the content embedding
     item_residual_dropout: float = 0.0  # content mode, training only: share of item vectors read without it
-    item_text_len: int = 32  # content mode: tokens of an item's text the item encoder reads
+    item_text_len: int = 32  # content mode: tokens (or words) of an item's text the item encoder reads
+    # content mode: what of an item's text the item encoder reads: "tokens" (the mean embedding of its
+    # text's tokens), "words" (a learned vector per word of `item_word_vocab`, TF-IDF weighted) or "both"
+    item_text: str = "tokens"
+    item_word_vocab: list[str] | tuple[str, ...] = ()  # words mode: the vocabulary (recfm.tokenizers.words)
+    item_word_idf: list[float] | tuple[float, ...] = ()
     # how a history item is serialized: "content_first" <|item|> <image> <id> title <|/item|>, or
     # "id_first" <|item|> <id> <image> title <|/item|> (the context loss then predicts each history
     # item from the items before it instead of from its own picture)
@@ -77,6 +83,10 @@ class RecFMConfig(PreTrainedConfig):
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.item_mode not in ITEM_MODES:
             raise ValueError(f"item_mode must be one of {ITEM_MODES}, got {self.item_mode!r}")
+        if self.item_text not in ITEM_TEXTS:
+            raise ValueError(f"item_text must be one of {ITEM_TEXTS}, got {self.item_text!r}")
+        if self.item_mode == "content" and self.item_text != "tokens" and not self.item_word_vocab:
+            raise ValueError(f"item_text {self.item_text!r} needs item_word_vocab (the words the item encoder reads)")
         if self.item_layout not in ITEM_LAYOUTS:
             raise ValueError(f"item_layout must be one of {ITEM_LAYOUTS}, got {self.item_layout!r}")
         if self.projector not in PROJECTORS:

@@ -67,8 +67,10 @@ def token_image_index(input_ids: torch.Tensor, cfg: RecFMConfig) -> torch.Tensor
 
 
 class ItemEncoder(nn.Module):
-    """Content mode: an item's vector from its text (mean token embedding) and image (mean projected
-    image vector), plus an optional learned per-item residual (zero at initialisation).
+    """Content mode: an item's vector from its text and image (mean projected image vector), plus an
+    optional learned per-item residual (zero at initialisation). The text is read as the mean embedding
+    of its tokens, as a TF-IDF weighted sum of learned word vectors over a vocabulary of words many
+    training items share (`n_words` > 0, recfm.tokenizers.words), or both.
 
     A residual row that training never reached stays exactly zero (no gradient, and AdamW's decay of
     zero is zero), so an item new to the model is scored from its content alone. That measured far
@@ -76,17 +78,25 @@ class ItemEncoder(nn.Module):
     HR@10 0.048 vs 0.000, random 0.020). With `residual_dropout` > 0, training reads that share of
     the items from their content alone too (DropoutNet); it did not help there (HR@10 0.040)."""
 
-    def __init__(self, d: int, n_items: int, id_residual: bool):
+    def __init__(self, d: int, n_items: int, id_residual: bool, n_words: int = 0, tokens: bool = True):
         super().__init__()
-        self.text = nn.Linear(d, d)
+        self.text = nn.Linear(d, d) if tokens else None  # none in words-only mode: DDP wants no unused parameter
+        self.words = nn.Embedding(n_words, d) if n_words else None
         self.image = nn.Linear(d, d)
         self.no_image = nn.Parameter(torch.zeros(d))
         self.mlp = nn.Sequential(nn.GELU(), nn.Linear(d, d))
         self.id_residual = nn.Embedding(n_items, d) if id_residual else None
 
-    def forward(self, text_vec, image_vec, has_image, item_idx, residual_dropout: float = 0.0):
-        img = torch.where(has_image[:, None], self.image(image_vec), self.no_image.to(image_vec.dtype))
-        x = self.text(text_vec) + img
+    def forward(self, text_vec, image_vec, has_image, item_idx, residual_dropout: float = 0.0,
+                word_ids=None, word_weights=None):
+        """text_vec: (n, d) mean token embeddings, or None (words only); word_ids / word_weights: (n, L)
+        vocabulary ids (-1 pads) and TF-IDF weights, or None (tokens only)."""
+        x = torch.where(has_image[:, None], self.image(image_vec), self.no_image.to(image_vec.dtype))
+        if text_vec is not None:
+            x = x + self.text(text_vec)
+        if word_ids is not None:
+            w = word_weights * (word_ids >= 0)
+            x = x + (self.words(word_ids.clamp(min=0)) * w[..., None].to(x.dtype)).sum(1)
         x = x + self.mlp(x)
         if self.id_residual is not None:
             r = self.id_residual(item_idx)
@@ -153,11 +163,16 @@ class RecFMModel(RecFMPreTrainedModel):
         if config.item_mode == "content":
             if config.n_items < 1:
                 raise ValueError("content item mode needs n_items (the catalogue size) in the config")
-            self.item_encoder = ItemEncoder(d, config.n_items, config.item_id_residual)
+            n_words = len(config.item_word_vocab) if config.item_text != "tokens" else 0
+            self.item_encoder = ItemEncoder(d, config.n_items, config.item_id_residual, n_words,
+                                            tokens=config.item_text != "words")
             s = config.vision_config.image_size if config.vision_config is not None else 1
             self.register_buffer("catalogue_text_ids", torch.full((config.n_items, config.item_text_len), -1, dtype=torch.long))
             self.register_buffer("catalogue_pixels", torch.zeros(config.n_items, 3, s, s, dtype=torch.uint8))
             self.register_buffer("catalogue_has_image", torch.zeros(config.n_items, dtype=torch.bool))
+            if n_words:  # each item's words: vocabulary ids (-1 pads) and TF-IDF weights
+                self.register_buffer("catalogue_word_ids", torch.full((config.n_items, config.item_text_len), -1, dtype=torch.long))
+                self.register_buffer("catalogue_word_weights", torch.zeros(config.n_items, config.item_text_len))
         self._image_cache: dict[bytes, torch.Tensor] = {}
         self.post_init()
 
@@ -216,14 +231,19 @@ class RecFMModel(RecFMPreTrainedModel):
         self.catalogue_text_ids = torch.full((n_items, length), -1, dtype=torch.long, device=device)
         self.catalogue_pixels = torch.zeros(n_items, 3, s, s, dtype=torch.uint8, device=device)
         self.catalogue_has_image = torch.zeros(n_items, dtype=torch.bool, device=device)
+        if self.item_encoder.words is not None:
+            self.catalogue_word_ids = torch.full((n_items, length), -1, dtype=torch.long, device=device)
+            self.catalogue_word_weights = torch.zeros(n_items, length, device=device)
         if self.item_encoder.id_residual is not None:
             d = self.item_encoder.id_residual.embedding_dim
             self.item_encoder.id_residual = nn.Embedding(n_items, d, device=device)
             nn.init.zeros_(self.item_encoder.id_residual.weight)
         self.config.n_items = n_items
 
-    def set_catalogue(self, text_ids: torch.Tensor, pixels: torch.Tensor | None, has_image: torch.Tensor) -> None:
-        """Content mode: every item's text token ids (n, L, -1 padded), uint8 pixels and image flag."""
+    def set_catalogue(self, text_ids: torch.Tensor, pixels: torch.Tensor | None, has_image: torch.Tensor,
+                      word_ids: torch.Tensor | None = None, word_weights: torch.Tensor | None = None) -> None:
+        """Content mode: every item's text token ids (n, L, -1 padded), uint8 pixels and image flag, and
+        (words mode) its word ids (n, L, -1 padded) and weights."""
         if self.item_encoder is None:
             raise ValueError("set_catalogue is for content item mode")
         n, length = self.catalogue_text_ids.shape
@@ -233,22 +253,35 @@ class RecFMModel(RecFMPreTrainedModel):
         if pixels is not None:
             self.catalogue_pixels.copy_(pixels)
         self.catalogue_has_image.copy_(has_image)
+        if self.item_encoder.words is not None:
+            if word_ids is None or word_weights is None:
+                raise ValueError(f"item_text {self.config.item_text!r} needs every item's word ids and weights")
+            self.catalogue_word_ids.fill_(-1)
+            self.catalogue_word_weights.zero_()
+            k = min(length, word_ids.shape[1])
+            self.catalogue_word_ids[:, :k] = word_ids[:, :k]
+            self.catalogue_word_weights[:, :k] = word_weights[:, :k]
 
     def item_embeddings(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         """Content mode: (len(idx), d) item vectors (every item when idx is None)."""
         if idx is None:
             idx = torch.arange(self.config.n_items, device=self.catalogue_text_ids.device)
-        ids = self.catalogue_text_ids[idx]
-        mask = ids >= 0
-        emb = self.get_input_embeddings()(ids.clamp(min=0)) * mask[..., None]
-        text_vec = emb.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        text_vec = word_ids = word_weights = None
+        if self.config.item_text != "words":
+            ids = self.catalogue_text_ids[idx]
+            mask = ids >= 0
+            emb = self.get_input_embeddings()(ids.clamp(min=0)) * mask[..., None]
+            text_vec = emb.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        if self.item_encoder.words is not None:
+            word_ids, word_weights = self.catalogue_word_ids[idx], self.catalogue_word_weights[idx]
         has_image = self.catalogue_has_image[idx]
-        image_vec = torch.zeros_like(text_vec)
+        image_vec = self.item_encoder.no_image.new_zeros(len(idx), self.item_encoder.no_image.shape[0])
         if self.vision_tower is not None and bool(has_image.any()):
             rows = has_image.nonzero().squeeze(1)
             feats = self.encode_images(self.normalize_pixels(self.catalogue_pixels[idx[rows]]))
             image_vec = image_vec.index_put((rows,), feats.mean(1).to(image_vec.dtype))
-        return self.item_encoder(text_vec, image_vec, has_image, idx, self.config.item_residual_dropout)
+        return self.item_encoder(text_vec, image_vec, has_image, idx, self.config.item_residual_dropout,
+                                 word_ids, word_weights)
 
     # --- the forward pass -----------------------------------------------------------------------
 

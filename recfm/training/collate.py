@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from ..instructions.chat import IGNORE, Item, RenderContext, render
+from ..tokenizers.words import WordVocabulary
 
 
 def domain_catalogue(domain) -> dict[str, Item]:
@@ -106,13 +107,30 @@ def content_catalogue(model, tokenizers, domain, images: ItemImages | None) -> N
     has_image = torch.zeros(n, dtype=torch.bool)
     size = cfg.vision_config.image_size if cfg.vision_config is not None else 1
     pixels = torch.zeros(n, 3, size, size, dtype=torch.uint8)
+    words = WordVocabulary(tuple(cfg.item_word_vocab), tuple(cfg.item_word_idf)) if cfg.item_text != "tokens" else None
+    word_ids = torch.full((n, length), -1, dtype=torch.long) if words is not None else None
+    word_weights = torch.zeros(n, length) if words is not None else None
     for k, iid in enumerate(tokenizers.items.item_ids):
         r = rows.get(iid)
         if r is None:
             continue
-        ids = tokenizers.text.encode(item_description(r["title"], r["text"]), add_special_tokens=False)[:length]
+        description = item_description(r["title"], r["text"])
+        ids = tokenizers.text.encode(description, add_special_tokens=False)[:length]
         text_ids[k, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        if words is not None:
+            wids, weights = words.encode(description, length)
+            word_ids[k, : len(wids)] = torch.tensor(wids, dtype=torch.long)
+            word_weights[k, : len(wids)] = torch.tensor(weights)
         if r["image_path"] and images is not None and cfg.vision_config is not None:
             pixels[k] = images(iid)
             has_image[k] = True
-    model.model.set_catalogue(text_ids, pixels, has_image)
+    model.model.set_catalogue(text_ids, pixels, has_image, word_ids, word_weights)
+
+
+def training_words(tokenizers, domain, min_df: int) -> WordVocabulary:
+    """Words mode, a new model: the vocabulary of the words `min_df` or more of the items seen in
+    training share (an item held out of training, e.g. on the cold split, adds no word)."""
+    texts = {r["item_id"]: item_description(r["title"], r["text"])
+             for r in domain.items.select_columns(["item_id", "title", "text"])}
+    seen = tokenizers.index.item_ids[: tokenizers.index.n_train_items]
+    return WordVocabulary.from_texts((texts.get(i, "") for i in seen), min_df)

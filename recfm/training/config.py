@@ -68,6 +68,10 @@ class TrainConfig:
     # vector; false: items are their content alone (the inductive setting: warm and new items scored alike)
     item_residual_dropout: float = 0.0  # content ids: the share of items read from their content alone in each
     # training pass (their learned per-item residual dropped, as in DropoutNet); 0.5 did not help cold items
+    item_text: str = "tokens"  # content ids, a new model: how the item encoder reads an item's text: "tokens"
+    # (mean token embedding), "words" (learned vectors of the words item_word_min_df or more training items
+    # share, TF-IDF weighted: new items are read from the same words as warm ones) or "both"
+    item_word_min_df: int = 10
     # --- LoRA (finetune) ---
     lora_r: int = 8
     lora_alpha: int = 16
@@ -120,6 +124,10 @@ class TrainConfig:
                              f"stage pretrain and id_sequence > 0 (got stage {self.stage!r}, id_sequence {self.id_sequence})")
         if not 0 <= self.item_residual_dropout < 1:
             raise ValueError(f"item_residual_dropout must be in [0, 1), got {self.item_residual_dropout}")
+        if self.item_text not in ("tokens", "words", "both"):
+            raise ValueError(f"item_text must be tokens, words or both, got {self.item_text!r}")
+        if self.item_word_min_df < 1:
+            raise ValueError(f"item_word_min_df must be at least 1, got {self.item_word_min_df}")
         if not 0 < self.cold_fraction < 1:
             raise ValueError(f"cold_fraction must be between 0 and 1, got {self.cold_fraction}")
         unknown = set(self.tasks) - set(DEFAULT_TASK_WEIGHTS)

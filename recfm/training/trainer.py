@@ -184,7 +184,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     from ..foundation import RecFMForCausalLM
     from ..foundation.build import build_model
     from ..tokenizers.bundle import Tokenizers
-    from .collate import Collator, ItemImages, content_catalogue, render_context
+    from .collate import Collator, ItemImages, content_catalogue, render_context, training_words
 
     cfg.validate()
     torch.manual_seed(cfg.seed)
@@ -211,9 +211,16 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
         tokenizers = Tokenizers(cfg.tokenizers, cfg.item_mode)
         if cfg.split == "cold_items":  # the vocabulary order from this split's training data: cold items last
             tokenizers.reindex(domain, split.train)
+        words = {}
+        if cfg.item_mode == "content" and cfg.item_text != "tokens":
+            vocab = training_words(tokenizers, domain, cfg.item_word_min_df)
+            if not len(vocab):
+                raise ValueError(f"item_text {cfg.item_text!r}: no word is shared by item_word_min_df="
+                                 f"{cfg.item_word_min_df} training items of {cfg.domain}; lower item_word_min_df")
+            words = dict(item_text=cfg.item_text, item_word_vocab=list(vocab.words), item_word_idf=list(vocab.idf))
         model = build_model(cfg.preset, tokenizers, fusion=cfg.fusion, vision=cfg.vision, image_tokens=cfg.image_tokens,
                             text_path=cfg.text_path, vision_path=cfg.vision_path, item_layout=cfg.item_layout,
-                            item_id_residual=cfg.item_id_residual, **knobs)
+                            item_id_residual=cfg.item_id_residual, **words, **knobs)
     mc = model.config
     if cfg.split == "cold_items" and mc.item_mode == "atomic":
         raise ValueError(f"{cfg.init_from} has atomic item ids: split cold_items needs content or semantic ids")
