@@ -194,10 +194,10 @@ def content_profile_ranks(domain, rows: list[dict], catalogue: list[str], among:
     its title and text (words of two or more items), a user is the mean vector of their history, and
     items are ranked by cosine to it, the history masked. 0-based ranks of each row's target, or with
     `among` (catalogue indices) the pair (ranks, ranks among those items alone)."""
-    import re
+    from ..tokenizers.words import item_words
 
     by_id = {r["item_id"]: f"{r['title'] or ''} {r['text'] or ''}" for r in domain.items}
-    words = [set(re.findall(r"\w+", by_id.get(i, "").lower())) for i in catalogue]
+    words = [item_words(by_id.get(i)) for i in catalogue]
     df = Counter(w for ws in words for w in ws)
     vocab = {w: k for k, w in enumerate(w for w, n in df.items() if n >= 2)}
     # the item-word matrix, sparse: one entry per (item, word) of the vocabulary, rows L2-normalised
@@ -354,8 +354,8 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
             report["per_example"]["next_item_among_new"] = [
                 {"user_id": r["user_id"], "held_out": r["held_out"], "rank": k} for r, k in zip(rs, ranks_new)]
         T["next_item"] = _by_template(rs, ranks, M.ranking_metrics)
-        report["per_example"]["next_item"] = [{"user_id": r["user_id"], "held_out": r["held_out"], "rank": k}
-                                              for r, k in zip(rs, ranks)]
+        report["per_example"]["next_item"] = [{"user_id": r["user_id"], "held_out": r["held_out"], "target": r["target"],
+                                               "rank": k} for r, k in zip(rs, ranks)]
         length = _id_sequence_length(Path(run_dir))
         if length:  # the view pretraining taught, one row per user
             first = [r for r in rs if r["template_id"] == rs[0]["template_id"]]
@@ -382,7 +382,8 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
             report["baselines"]["random"] = M.random_ranking_metrics(
                 [len(catalogue) - len(set(e["history"])) for e in examples])
         report["baselines"]["content_profile"] = M.ranking_metrics(profile)
-        report["per_example"]["content_profile"] = [{"user_id": e["user_id"], "rank": k} for e, k in zip(examples, profile)]
+        report["per_example"]["content_profile"] = [{"user_id": e["user_id"], "target": e["target"], "rank": k}
+                                                    for e, k in zip(examples, profile)]
         if domain.generator is not None:  # the oracle on exactly these examples
             from ..data.oracle import oracle_metrics
 
