@@ -493,6 +493,34 @@ def test_score_items_atomic_is_the_item_token_logit(world):
     torch.testing.assert_close(masked[1], scores[1])
 
 
+def test_words_mode_without_item_images_builds_and_trains_only_what_it_reads(world):
+    """item_text words + item_image false: the item vector is the item's words (no token projection,
+    no image projection: DDP refuses parameters without gradient), whatever its pixels, and one
+    backward pass reaches every trainable parameter."""
+    from recfm.tokenizers.words import WordVocabulary
+    from recfm.training.collate import ItemImages, content_catalogue
+
+    toks = world.tokenizers("content")
+    rows = [world.domain.item(i) for i in toks.items.item_ids]
+    vocab = WordVocabulary.from_texts([item_description(r["title"], r["text"]) for r in rows], 2)
+    torch.manual_seed(0)
+    model = build_model("tiny", toks, item_text="words", item_word_vocab=list(vocab.words),
+                        item_word_idf=list(vocab.idf), item_image=False)
+    content_catalogue(model, toks, world.domain, ItemImages(world.domain, model.config.vision_config.image_size))
+    inner = model.model
+    enc = inner.item_encoder
+    assert enc.text is None and enc.image is None and enc.words.num_embeddings == len(vocab) > 0
+    assert bool((inner.catalogue_word_ids >= 0).any(1).all())  # every item has shared words here
+    before = inner.item_embeddings().detach().clone()
+    inner.catalogue_pixels.random_(0, 255)
+    assert torch.equal(before, inner.item_embeddings().detach())
+    model.train()
+    model(**training_batch(world, model, "content")).loss.backward()
+    assert grad_norm(enc.words) > 0 and grad_norm(enc.mlp) > 0 and grad_norm(enc.id_residual) > 0
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused
+
+
 def test_score_items_content_is_the_head_against_each_item(world):
     model = make_model(world, "content", "cross_attention").eval()
     prompts = encode(world, model, "content", world.rows("next_item", n=1), prompt_only=True)

@@ -56,6 +56,7 @@ class RecFMConfig(PreTrainedConfig):
     item_text: str = "tokens"
     item_word_vocab: list[str] | tuple[str, ...] = ()  # words mode: the vocabulary (recfm.tokenizers.words)
     item_word_idf: list[float] | tuple[float, ...] = ()
+    item_image: bool = True  # content mode: the item encoder reads the item's image (prompts show images either way)
     # how a history item is serialized: "content_first" <|item|> <image> <id> title <|/item|>, or
     # "id_first" <|item|> <id> <image> title <|/item|> (the context loss then predicts each history
     # item from the items before it instead of from its own picture)

@@ -78,11 +78,13 @@ class ItemEncoder(nn.Module):
     HR@10 0.048 vs 0.000, random 0.020). With `residual_dropout` > 0, training reads that share of
     the items from their content alone too (DropoutNet); it did not help there (HR@10 0.040)."""
 
-    def __init__(self, d: int, n_items: int, id_residual: bool, n_words: int = 0, tokens: bool = True):
+    def __init__(self, d: int, n_items: int, id_residual: bool, n_words: int = 0, tokens: bool = True,
+                 image: bool = True):
         super().__init__()
-        self.text = nn.Linear(d, d) if tokens else None  # none in words-only mode: DDP wants no unused parameter
+        # no module a mode does not read (DDP wants no unused parameter)
+        self.text = nn.Linear(d, d) if tokens else None
         self.words = nn.Embedding(n_words, d) if n_words else None
-        self.image = nn.Linear(d, d)
+        self.image = nn.Linear(d, d) if image else None
         self.no_image = nn.Parameter(torch.zeros(d))
         self.mlp = nn.Sequential(nn.GELU(), nn.Linear(d, d))
         self.id_residual = nn.Embedding(n_items, d) if id_residual else None
@@ -91,7 +93,10 @@ class ItemEncoder(nn.Module):
                 word_ids=None, word_weights=None):
         """text_vec: (n, d) mean token embeddings, or None (words only); word_ids / word_weights: (n, L)
         vocabulary ids (-1 pads) and TF-IDF weights, or None (tokens only)."""
-        x = torch.where(has_image[:, None], self.image(image_vec), self.no_image.to(image_vec.dtype))
+        if self.image is not None:
+            x = torch.where(has_image[:, None], self.image(image_vec), self.no_image.to(image_vec.dtype))
+        else:
+            x = self.no_image.to(image_vec.dtype).expand(len(item_idx), -1)
         if text_vec is not None:
             x = x + self.text(text_vec)
         if word_ids is not None:
@@ -165,7 +170,7 @@ class RecFMModel(RecFMPreTrainedModel):
                 raise ValueError("content item mode needs n_items (the catalogue size) in the config")
             n_words = len(config.item_word_vocab) if config.item_text != "tokens" else 0
             self.item_encoder = ItemEncoder(d, config.n_items, config.item_id_residual, n_words,
-                                            tokens=config.item_text != "words")
+                                            tokens=config.item_text != "words", image=config.item_image)
             s = config.vision_config.image_size if config.vision_config is not None else 1
             self.register_buffer("catalogue_text_ids", torch.full((config.n_items, config.item_text_len), -1, dtype=torch.long))
             self.register_buffer("catalogue_pixels", torch.zeros(config.n_items, 3, s, s, dtype=torch.uint8))
@@ -276,7 +281,7 @@ class RecFMModel(RecFMPreTrainedModel):
             word_ids, word_weights = self.catalogue_word_ids[idx], self.catalogue_word_weights[idx]
         has_image = self.catalogue_has_image[idx]
         image_vec = self.item_encoder.no_image.new_zeros(len(idx), self.item_encoder.no_image.shape[0])
-        if self.vision_tower is not None and bool(has_image.any()):
+        if self.vision_tower is not None and self.config.item_image and bool(has_image.any()):
             rows = has_image.nonzero().squeeze(1)
             feats = self.encode_images(self.normalize_pixels(self.catalogue_pixels[idx[rows]]))
             image_vec = image_vec.index_put((rows,), feats.mean(1).to(image_vec.dtype))

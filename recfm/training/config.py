@@ -72,6 +72,8 @@ class TrainConfig:
     # (mean token embedding), "words" (learned vectors of the words item_word_min_df or more training items
     # share, TF-IDF weighted: new items are read from the same words as warm ones) or "both"
     item_word_min_df: int = 10
+    item_image: bool = True  # content ids, a new model: the item encoder reads each item's image too (prompts
+    # show history images either way)
     # --- LoRA (finetune) ---
     lora_r: int = 8
     lora_alpha: int = 16

@@ -220,7 +220,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
             words = dict(item_text=cfg.item_text, item_word_vocab=list(vocab.words), item_word_idf=list(vocab.idf))
         model = build_model(cfg.preset, tokenizers, fusion=cfg.fusion, vision=cfg.vision, image_tokens=cfg.image_tokens,
                             text_path=cfg.text_path, vision_path=cfg.vision_path, item_layout=cfg.item_layout,
-                            item_id_residual=cfg.item_id_residual, **words, **knobs)
+                            item_id_residual=cfg.item_id_residual, item_image=cfg.item_image, **words, **knobs)
     mc = model.config
     if cfg.split == "cold_items" and mc.item_mode == "atomic":
         raise ValueError(f"{cfg.init_from} has atomic item ids: split cold_items needs content or semantic ids")
