@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,12 @@ VARIANTS = {  # name -> training config overrides
     "early-content": dict(fusion="early", item_mode="content"),
     "early-content-dropout": dict(fusion="early", item_mode="content", item_residual_dropout=0.5),
     "early-content-nores": dict(fusion="early", item_mode="content", item_id_residual=False),
+    "early-content-words": dict(fusion="early", item_mode="content", item_id_residual=False, item_text="words"),
+    "early-content-words-noimg": dict(fusion="early", item_mode="content", item_id_residual=False, item_text="words",
+                                      vision=None),
+    "early-content-words-noitemimg": dict(fusion="early", item_mode="content", item_id_residual=False, item_text="words",
+                                          item_image=False),  # images in the prompts, not in the item vectors
+    "early-content-words-res": dict(fusion="early", item_mode="content", item_text="words", item_residual_dropout=0.5),
     "no-images": dict(fusion="early", item_mode="atomic", vision=None),
 }
 # variant -> (the variant whose pretraining run it continues, for the same seed; an identifier-only stage
@@ -56,12 +63,13 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
 
     common = dict(domain=str(domain_dir), preset=args.preset, seed=seed, batch_size=8, logging_steps=20,
                   save_steps=10_000, max_history=args.max_history, max_tokens=1024, split=args.split,
-                  cold_fraction=args.cold_fraction, **VARIANTS[variant])
-    name = f"{variant}-s{seed}" + ("-cold" if args.split == "cold_items" else "")
+                  cold_fraction=args.cold_fraction, cold_seed=args.cold_seed, **VARIANTS[variant])
+    cold = ("-cold" + (str(args.cold_seed) if args.cold_seed else "")) if args.split == "cold_items" else ""
+    name = f"{variant}-s{seed}{cold}"
     final = work / name
     stages = [work / f"{name}-pre"] + ([work / f"{name}-ids"] if variant in ID_STAGES else [])
     if variant in ID_STAGES:  # continue the base variant's pretraining run of this seed
-        stages[0] = work / (f"{ID_STAGES[variant][0]}-s{seed}" + ("-cold" if args.split == "cold_items" else "") + "-pre")
+        stages[0] = work / f"{ID_STAGES[variant][0]}-s{seed}{cold}-pre"
     if args.reuse and (final / "run.json").exists():  # evaluate a run this script trained before
         for flag, folder, wanted in (("pretrain", stages[0], args.pretrain_steps), ("tune", final, args.tune_steps)):
             done = json.loads((folder / "run.json").read_text())["steps"]  # the table states the step counts
@@ -95,6 +103,20 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
     return result(report, train_s)
 
 
+def hit_summary(hits: Counter) -> dict:
+    """How many top-10 hits, on how many distinct target items, and the most-hit item's share."""
+    top, n = max(hits.items(), key=lambda kv: (kv[1], kv[0])) if hits else (None, 0)
+    return {"hits": sum(hits.values()), "distinct_items": len(hits), "most_hit_item": top, "most_hit_count": n}
+
+
+def hit_line(name: str, h: dict, titles: dict) -> str:
+    if not h["hits"]:
+        return f"- {name}: no hit"
+    top = titles.get(h["most_hit_item"], h["most_hit_item"])
+    return (f"- {name}: {h['hits']} hits on {h['distinct_items']} distinct items; most hit: {top} "
+            f"({h['most_hit_count']}, {h['most_hit_count'] / h['hits']:.0%})")
+
+
 def result(report: dict, train_s: float) -> dict:
     """One recfm run's row: metrics by template, baselines, each user's NDCG@10 (seen template, for
     paired tests between variants) and a paired test against popularity on the same users."""
@@ -105,7 +127,11 @@ def result(report: dict, train_s: float) -> dict:
     per_user = dict(zip(users, ndcg_per_user([r["rank"] for r in ours]).tolist()))
     pop_rank = {r["user_id"]: r["rank"] for r in report["per_example"]["popularity"]}
     pop = ndcg_per_user([pop_rank[u] for u in users])
-    return {"seen": report["tasks"]["next_item"]["seen"], "held_out": report["tasks"]["next_item"]["held_out"],
+    # which targets the top-10 hits fell on (a few popular new items can carry a cold-split HR@10)
+    hits = Counter(r["target"] for r in ours if r["rank"] < 10 and "target" in r)
+    profile_hits = Counter(r["target"] for r in report["per_example"]["content_profile"] if r["rank"] < 10 and "target" in r)
+    return {"distinct_targets": len({r["target"] for r in ours if "target" in r}),
+            "hits@10_by_item": hit_summary(hits), "content_profile_hits@10_by_item": hit_summary(profile_hits),"seen": report["tasks"]["next_item"]["seen"], "held_out": report["tasks"]["next_item"]["held_out"],
             "id_sequence": report["tasks"]["next_item"].get("id_sequence"),
             "among_new": report["tasks"].get("next_item_among_new"), "baselines_among_new": report.get("baselines_among_new"),
             "cold_items": report.get("cold_items"),
@@ -130,6 +156,7 @@ def main():
                     help="cold_items: train without a seeded share of the items and rank each user's first of them "
                          "(content/semantic variants; SASRec is not run)")
     ap.add_argument("--cold-fraction", type=float, default=0.05)
+    ap.add_argument("--cold-seed", type=int, default=0, help="which draw of cold items")
     ap.add_argument("--reuse", action="store_true", help="evaluate runs already trained under --work instead of training")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "recfm" / "bench")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -201,7 +228,7 @@ def main():
     lines = [f"# Next-item prediction on {domain.name}", "",
              (f"Leave-one-out test, full ranking over {len(domain.item_ids)} items, history masked, "
               f"{len(domain.sequences)} users." if args.split == "leave_one_out" else
-              f"Cold items: {args.cold_fraction:.0%} of the items (seeded draw, cold_seed 0) never in training; each user "
+              f"Cold items: {args.cold_fraction:.0%} of the items (seeded draw, cold_seed {args.cold_seed}) never in training; each user "
               f"who later consumed one is asked for the first of them from the warm items before it, full ranking over "
               f"all {len(domain.item_ids)} items, history masked; {n_eval} users.")
              + (f" recfm: `{args.preset}` preset, {args.pretrain_steps} pretraining + "
@@ -224,6 +251,18 @@ def main():
                   "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += [table_row(*r) for r in new_rows]
         raw["among_new_rows"] = [{"ranker": n, "seed": sd, **m} for n, sd, m, _ in new_rows]
+    if args.split == "cold_items":  # a few popular new items can carry a full-ranking HR@10: show where hits fell
+        titles = {r["item_id"]: r["title"] for r in domain.items.select_columns(["item_id", "title"])}
+        lines += ["", "Full-ranking top-10 hits by target item (seen template; targets: "
+                  f"{next((v['distinct_targets'] for k, v in raw.items() if k.startswith('recfm/') and 'distinct_targets' in v), '?')} "
+                  "distinct new items):", ""]
+        last = {}
+        for k, v in raw.items():
+            if k.startswith("recfm/") and "hits@10_by_item" in v:
+                lines.append(hit_line(k, v["hits@10_by_item"], titles))
+                last = v
+        if "content_profile_hits@10_by_item" in last:
+            lines.append(hit_line("content profile", last["content_profile_hits@10_by_item"], titles))
     if summary:
         lines += ["", f"Mean ± std over seeds {args.seeds}:", "",
                   "| ranker | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 1)]
@@ -258,10 +297,10 @@ def _collect(args) -> dict:
     """Saved per-run results by key (`recfm/<variant>/seed<N>`, `sasrec/seed<N>`), checked against
     this invocation's settings; `_from` says which file each came from."""
     found: dict = {"_from": {}}
-    same = ("preset", "pretrain_steps", "tune_steps", "max_history", "split")
+    same = ("preset", "pretrain_steps", "tune_steps", "max_history", "split", "cold_fraction", "cold_seed")
     for path in args.collect:
         data = json.loads(path.read_text())
-        settings = data.get("settings", {})
+        settings = {"cold_seed": 0, **data.get("settings", {})}  # files from before --cold-seed drew seed 0
         for key, entry in data.items():
             if not (key.startswith("recfm/") or key.startswith("sasrec/")):
                 continue
