@@ -40,7 +40,6 @@ VARIANTS = {  # name -> training config overrides
                                       vision=None),
     "early-content-words-noitemimg": dict(fusion="early", item_mode="content", item_id_residual=False, item_text="words",
                                           item_image=False),  # images in the prompts, not in the item vectors
-    "early-content-words-res": dict(fusion="early", item_mode="content", item_text="words", item_residual_dropout=0.5),
     "no-images": dict(fusion="early", item_mode="atomic", vision=None),
 }
 # variant -> (the variant whose pretraining run it continues, for the same seed; an identifier-only stage
