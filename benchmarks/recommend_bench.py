@@ -130,7 +130,8 @@ def result(report: dict, train_s: float) -> dict:
     hits = Counter(r["target"] for r in ours if r["rank"] < 10 and "target" in r)
     profile_hits = Counter(r["target"] for r in report["per_example"]["content_profile"] if r["rank"] < 10 and "target" in r)
     return {"distinct_targets": len({r["target"] for r in ours if "target" in r}),
-            "hits@10_by_item": hit_summary(hits), "content_profile_hits@10_by_item": hit_summary(profile_hits),"seen": report["tasks"]["next_item"]["seen"], "held_out": report["tasks"]["next_item"]["held_out"],
+            "hits@10_by_item": hit_summary(hits), "content_profile_hits@10_by_item": hit_summary(profile_hits),
+            "seen": report["tasks"]["next_item"]["seen"], "held_out": report["tasks"]["next_item"]["held_out"],
             "id_sequence": report["tasks"]["next_item"].get("id_sequence"),
             "among_new": report["tasks"].get("next_item_among_new"), "baselines_among_new": report.get("baselines_among_new"),
             "cold_items": report.get("cold_items"),

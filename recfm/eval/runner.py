@@ -194,22 +194,16 @@ def content_profile_ranks(domain, rows: list[dict], catalogue: list[str], among:
     its title and text (words of two or more items), a user is the mean vector of their history, and
     items are ranked by cosine to it, the history masked. 0-based ranks of each row's target, or with
     `among` (catalogue indices) the pair (ranks, ranks among those items alone)."""
-    from ..tokenizers.words import item_words
+    from ..tokenizers.words import WordVocabulary
 
     by_id = {r["item_id"]: f"{r['title'] or ''} {r['text'] or ''}" for r in domain.items}
-    words = [item_words(by_id.get(i)) for i in catalogue]
-    df = Counter(w for ws in words for w in ws)
-    vocab = {w: k for k, w in enumerate(w for w, n in df.items() if n >= 2)}
+    texts = [by_id.get(i, "") for i in catalogue]
+    vocab = WordVocabulary.from_texts(texts, min_df=2)  # the item encoder's words and weights (all of an item's)
     # the item-word matrix, sparse: one entry per (item, word) of the vocabulary, rows L2-normalised
-    item_of, word_of, weight = [], [], []
-    for r, ws in enumerate(words):
-        entries = [(vocab[w], np.log(len(catalogue) / df[w])) for w in ws if w in vocab]
-        item_of += [r] * len(entries)
-        word_of += [k for k, _ in entries]
-        weight += [v for _, v in entries]
-    item_of, word_of, weight = np.asarray(item_of, dtype=np.int64), np.asarray(word_of, dtype=np.int64), np.asarray(weight)
-    norms = np.sqrt(np.bincount(item_of, weights=weight**2, minlength=len(catalogue)))
-    weight = weight / np.maximum(norms[item_of], 1e-12)
+    encoded = [vocab.encode(t, len(vocab)) for t in texts]
+    item_of = np.repeat(np.arange(len(catalogue)), [len(ids) for ids, _ in encoded])
+    word_of = np.asarray([k for ids, _ in encoded for k in ids], dtype=np.int64)
+    weight = np.asarray([w for _, ws in encoded for w in ws], dtype=np.float64)
     starts = np.searchsorted(item_of, np.arange(len(catalogue) + 1))
     pos = {i: k for k, i in enumerate(catalogue)}
     subset = np.asarray(among if among is not None else [], dtype=np.int64)

@@ -271,22 +271,22 @@ class RecFMModel(RecFMPreTrainedModel):
         """Content mode: (len(idx), d) item vectors (every item when idx is None)."""
         if idx is None:
             idx = torch.arange(self.config.n_items, device=self.catalogue_text_ids.device)
+        enc = self.item_encoder  # the modules it has say what it reads (item_text, item_image)
         text_vec = word_ids = word_weights = None
-        if self.config.item_text != "words":
+        if enc.text is not None:
             ids = self.catalogue_text_ids[idx]
             mask = ids >= 0
             emb = self.get_input_embeddings()(ids.clamp(min=0)) * mask[..., None]
             text_vec = emb.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        if self.item_encoder.words is not None:
+        if enc.words is not None:
             word_ids, word_weights = self.catalogue_word_ids[idx], self.catalogue_word_weights[idx]
         has_image = self.catalogue_has_image[idx]
-        image_vec = self.item_encoder.no_image.new_zeros(len(idx), self.item_encoder.no_image.shape[0])
-        if self.vision_tower is not None and self.config.item_image and bool(has_image.any()):
+        image_vec = enc.no_image.new_zeros(len(idx), enc.no_image.shape[0])
+        if self.vision_tower is not None and enc.image is not None and bool(has_image.any()):
             rows = has_image.nonzero().squeeze(1)
             feats = self.encode_images(self.normalize_pixels(self.catalogue_pixels[idx[rows]]))
             image_vec = image_vec.index_put((rows,), feats.mean(1).to(image_vec.dtype))
-        return self.item_encoder(text_vec, image_vec, has_image, idx, self.config.item_residual_dropout,
-                                 word_ids, word_weights)
+        return enc(text_vec, image_vec, has_image, idx, self.config.item_residual_dropout, word_ids, word_weights)
 
     # --- the forward pass -----------------------------------------------------------------------
 

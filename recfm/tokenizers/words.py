@@ -54,7 +54,7 @@ class WordVocabulary:
     def encode(self, text: str | None, max_words: int) -> tuple[list[int], list[float]]:
         """A text's words in the vocabulary as (ids, weights): TF-IDF with binary term frequency,
         L2-normalised, the `max_words` heaviest kept (ties by vocabulary order)."""
-        ids = sorted(self._index[w] for w in item_words(text) if w in self._index)
-        ids = sorted(ids, key=lambda k: -self.idf[k])[:max_words]
+        ids = sorted((self._index[w] for w in item_words(text) if w in self._index), key=lambda k: (-self.idf[k], k))
+        ids = ids[:max_words]
         norm = math.sqrt(sum(self.idf[k] ** 2 for k in ids))
         return ids, [self.idf[k] / norm if norm > 0 else 0.0 for k in ids]
