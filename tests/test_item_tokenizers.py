@@ -262,3 +262,20 @@ def test_word_vocabulary_keeps_shared_words_with_their_idf():
     assert vocab.encode("nothing shared here", max_words=8) == ([], [])
     with pytest.raises(ValueError, match="min_df"):
         WordVocabulary.from_texts(texts, min_df=0)
+
+
+def test_word_vocabulary_extends_with_a_new_domains_words():
+    import math
+
+    from recfm.tokenizers.words import WordVocabulary
+
+    old = WordVocabulary(("genres", "1995", "action"), (0.2, 0.5, 0.9))
+    shop = WordVocabulary.from_texts(["red guitar", "red drum", "blue guitar action", "action drum"], min_df=2)
+    assert shop.words == ("action", "drum", "guitar", "red")
+    grown = old.extend(shop)
+    # the old words keep their ids; the new domain's missing words follow in its order
+    assert grown.words == ("genres", "1995", "action", "drum", "guitar", "red")
+    # a word the new domain has takes its idf there (action: 2 of 4 items); the others keep theirs
+    assert grown.idf == pytest.approx((0.2, 0.5, math.log(2), math.log(2), math.log(2), math.log(2)))
+    assert old.extend(WordVocabulary((), ())) == old
+    assert grown.encode("a red action drum", 8)[0] == [2, 3, 5]

@@ -359,29 +359,38 @@ def test_cold_item_split_trains_without_the_cold_items_and_ranks_them(small_defa
         evaluate(tmp_path / "missing-run-json", small_default.path, split="cold_items")
 
 
-def test_lora_finetune_on_a_new_domain_through_the_generic_importer(small_default, tok_dir, tmp_path):
-    import torch
-    from safetensors import safe_open
+SHOP_WORDS = ("zesty", "quirky", "plucky", "snazzy")  # words no default-domain item has
 
-    from recfm.data.generic import prepare_generic
+
+def _shop(tmp_path):
+    """A shop with 12 new items (ids unlike the old catalogue's; each blurb one of four words, so three
+    items share each), images, and 10 users, through the generic importer."""
+    from recfm.data.generic import Columns, prepare_generic
     from recfm.data.synthetic import draw_random_images
-    from recfm.foundation import RecFMForCausalLM
-    from recfm.tokenizers.bundle import Tokenizers
 
-    base = train(TrainConfig(stage="tune", domain=str(small_default.path), tokenizers=str(tok_dir), item_mode="content",
-                             output=str(tmp_path / "base"), max_steps=4, tasks={"next_item": 1.0}, **TINY), progress=False)
-    # a shop with 12 new items (ids unlike the old catalogue's), images, and 10 users
     src = tmp_path / "shop"
     (src / "images").mkdir(parents=True)
     for k, im in enumerate(draw_random_images(12, 32, seed=9)):
         im.save(src / "images" / f"p{k}.png")
-    (src / "items.csv").write_text("sku,name,blurb,pic\n" + "".join(f"sku{k},Thing {k},A new thing,p{k}.png\n" for k in range(12)))
+    (src / "items.csv").write_text("sku,name,blurb,pic\n" + "".join(
+        f"sku{k},Gizmo {k},A {SHOP_WORDS[k % 4]} gizmo,p{k}.png\n" for k in range(12)))
     rows = ["uid,sku,when"] + [f"u{u},sku{(u + t) % 12},{100 * u + t}" for u in range(10) for t in range(6)]
     (src / "interactions.csv").write_text("\n".join(rows) + "\n")
-    from recfm.data.generic import Columns
-
-    shop = prepare_generic(tmp_path / "shop-domain", input_dir=src, columns=Columns(user="uid", item="sku", timestamp="when",
+    return prepare_generic(tmp_path / "shop-domain", input_dir=src, columns=Columns(user="uid", item="sku", timestamp="when",
                            item_id="sku", title="name", text="blurb", image="pic"), progress=False)
+
+
+def test_lora_finetune_on_a_new_domain_through_the_generic_importer(small_default, tok_dir, tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    from recfm.foundation import RecFMForCausalLM
+    from recfm.tokenizers.bundle import Tokenizers
+
+    base = train(TrainConfig(stage="tune", domain=str(small_default.path), tokenizers=str(tok_dir), item_mode="content",
+                             item_text="tokens", item_id_residual=True, item_image=True,
+                             output=str(tmp_path / "base"), max_steps=4, tasks={"next_item": 1.0}, **TINY), progress=False)
+    shop = _shop(tmp_path)
     run = train(TrainConfig(stage="finetune", domain=str(shop.path), init_from=str(base), output=str(tmp_path / "ft"),
                             max_steps=4, tasks={"next_item": 1.0}, **TINY), progress=False)
     info = json.loads((run / "run.json").read_text())
@@ -404,6 +413,47 @@ def test_lora_finetune_on_a_new_domain_through_the_generic_importer(small_defaul
                                exclude=[[tok.items.index("sku1")]])
     assert scores.shape == (1, 12) and torch.isinf(scores[0, tok.items.index("sku1")])
     assert torch.isfinite(scores).sum() == 11
+
+
+def test_finetuning_a_words_model_grows_its_vocabulary_with_the_new_domains_words(small_default, tok_dir, tmp_path):
+    """item_text words, fine-tuned on a new domain: the vocabulary keeps the old words at their ids and
+    adds the words the new domain's training items share; the item encoder trains (LoRA or not), so the
+    new words' vectors, which start at zero, are learned; items are read from their new words."""
+    from recfm.foundation import RecFMForCausalLM
+    from recfm.tokenizers.bundle import Tokenizers
+    from recfm.tokenizers.words import WordVocabulary
+    from recfm.training.collate import item_description
+
+    words = dict(item_mode="content", item_text="words", item_id_residual=False, item_image=False, item_word_min_df=2)
+    base = train(TrainConfig(stage="tune", domain=str(small_default.path), tokenizers=str(tok_dir), output=str(tmp_path / "base"),
+                             max_steps=2, tasks={"next_item": 1.0}, **words, **TINY), progress=False)
+    old = RecFMForCausalLM.from_pretrained(base)
+    old_words = list(old.config.item_word_vocab)
+    assert not set(SHOP_WORDS) & set(old_words)
+    shop = _shop(tmp_path)
+    run = train(TrainConfig(stage="finetune", domain=str(shop.path), init_from=str(base), output=str(tmp_path / "ft"),
+                            max_steps=6, lr=3e-2, tasks={"next_item": 1.0}, item_word_min_df=2,
+                            **{k: v for k, v in TINY.items() if k != "lr"}), progress=False)
+    model = RecFMForCausalLM.from_pretrained(run).eval()
+    grown = list(model.config.item_word_vocab)
+    index = Tokenizers(run).index
+    texts = {r["item_id"]: item_description(r["title"], r["text"]) for r in shop.items}
+    want = WordVocabulary(tuple(old_words), tuple(old.config.item_word_idf)).extend(
+        WordVocabulary.from_texts([texts[i] for i in index.item_ids[: index.n_train_items]], 2))
+    assert tuple(grown) == want.words and model.config.item_word_idf == pytest.approx(want.idf)
+    assert grown[: len(old_words)] == old_words and set(SHOP_WORDS) <= set(grown[len(old_words):])
+    m = model.model
+    for k, iid in enumerate(index.item_ids):  # every item's words, as saved, are its text in the grown vocabulary
+        ids, _ = want.encode(texts[iid], model.config.item_text_len)
+        assert m.catalogue_word_ids[k, : len(ids)].tolist() == ids
+    table = m.item_encoder.words.weight
+    assert table.shape[0] == len(grown)
+    assert all(bool(table[grown.index(w)].any()) for w in SHOP_WORDS)  # started at zero, trained
+    with torch.no_grad():
+        vec = m.item_embeddings()
+    pos = {iid: k for k, iid in enumerate(index.item_ids)}
+    assert torch.allclose(vec[pos["sku0"]], vec[pos["sku4"]], atol=1e-5)  # same words ("zesty"), no image, no residual
+    assert not torch.allclose(vec[pos["sku0"]], vec[pos["sku1"]], atol=1e-3)  # zesty vs quirky
 
 
 def test_finetuning_atomic_ids_on_a_new_domain_is_a_clear_error(tuned_run, tmp_path):

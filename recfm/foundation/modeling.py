@@ -245,6 +245,26 @@ class RecFMModel(RecFMPreTrainedModel):
             nn.init.zeros_(self.item_encoder.id_residual.weight)
         self.config.n_items = n_items
 
+    def extend_words(self, words: list[str], idf: list[float]) -> None:
+        """Words mode, a new domain: the vocabulary `words` (the old one first, at its ids, then the new
+        domain's words it lacked, e.g. `WordVocabulary.extend`). Old words keep their trained vectors;
+        a new word's vector starts at zero, so until training reaches it an item is read from the
+        words it shares with the old domain (and its image)."""
+        enc = self.item_encoder
+        if enc is None or enc.words is None:
+            raise ValueError("extend_words is for content item mode with item_text words or both")
+        old = list(self.config.item_word_vocab)
+        if list(words[: len(old)]) != old or len(idf) != len(words):
+            raise ValueError(f"the extended vocabulary must start with the model's {len(old)} words, in order, and "
+                             f"give one idf per word (got {len(words)} words, {len(idf)} idf values)")
+        table = enc.words.weight
+        grown = nn.Embedding(len(words), table.shape[1], device=table.device, dtype=table.dtype)
+        with torch.no_grad():
+            grown.weight.zero_()
+            grown.weight[: len(old)] = table
+        enc.words = grown
+        self.config.item_word_vocab, self.config.item_word_idf = list(words), [float(v) for v in idf]
+
     def set_catalogue(self, text_ids: torch.Tensor, pixels: torch.Tensor | None, has_image: torch.Tensor,
                       word_ids: torch.Tensor | None = None, word_weights: torch.Tensor | None = None) -> None:
         """Content mode: every item's text token ids (n, L, -1 padded), uint8 pixels and image flag, and

@@ -184,6 +184,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     from ..foundation import RecFMForCausalLM
     from ..foundation.build import build_model
     from ..tokenizers.bundle import Tokenizers
+    from ..tokenizers.words import WordVocabulary
     from .collate import Collator, ItemImages, content_catalogue, render_context, training_words
 
     cfg.validate()
@@ -207,6 +208,12 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
         if cfg.stage == "finetune" and tokenizers.index.item_ids != ItemIndex.from_training(split.train, domain.item_ids).item_ids:
             tokenizers.for_domain(domain, split.train)  # a new domain: its items enter through content ids
             model.model.resize_catalogue(len(tokenizers.items))
+            if model.model.item_encoder.words is not None:  # and through words: the new domain's join the vocabulary
+                old = WordVocabulary(tuple(model.config.item_word_vocab), tuple(model.config.item_word_idf))
+                grown = old.extend(training_words(tokenizers, domain, cfg.item_word_min_df))
+                model.model.extend_words(list(grown.words), list(grown.idf))
+                print(f"word vocabulary: {len(old)} words of {cfg.init_from}, {len(grown) - len(old)} new ones shared by "
+                      f"item_word_min_df={cfg.item_word_min_df} or more training items of {cfg.domain}")
     else:
         tokenizers = Tokenizers(cfg.tokenizers, cfg.item_mode)
         if cfg.split == "cold_items":  # the vocabulary order from this split's training data: cold items last
@@ -241,6 +248,8 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
         targets = rf"model\.language_model\..*\.({'|'.join(cfg.lora_targets)})"
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                  target_modules=targets, task_type="CAUSAL_LM"))
+        if mc.item_mode == "content":  # the item encoder trains in full: a new domain's words and residuals start at zero
+            model.get_base_model().model.item_encoder.requires_grad_(True)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     steps_per_epoch = math.ceil(len(examples) / (cfg.batch_size * cfg.grad_accum))
