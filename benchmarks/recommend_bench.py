@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine as machine_info  # noqa: E402
 from common import write as write_result  # noqa: E402
 
+CONTENT_TOKENS = dict(item_text="tokens", item_id_residual=True, item_image=True)
 VARIANTS = {  # name -> training config overrides
     "early-atomic": dict(fusion="early", item_mode="atomic"),
     "early-atomic-idfirst": dict(fusion="early", item_mode="atomic", item_layout="id_first"),
@@ -32,14 +33,17 @@ VARIANTS = {  # name -> training config overrides
     "early-atomic-idx5": dict(fusion="early", item_mode="atomic", id_readings=5),  # 5 shifted id-view readings
     "cross-atomic": dict(fusion="cross_attention", item_mode="atomic"),
     "early-semantic": dict(fusion="early", item_mode="semantic"),
-    "early-content": dict(fusion="early", item_mode="content"),
-    "early-content-dropout": dict(fusion="early", item_mode="content", item_residual_dropout=0.5),
-    "early-content-nores": dict(fusion="early", item_mode="content", item_id_residual=False),
-    "early-content-words": dict(fusion="early", item_mode="content", item_id_residual=False, item_text="words"),
+    # content ids as first built (the item vector reads the title's tokens, a per-item residual and the image)
+    "early-content": dict(fusion="early", item_mode="content", **CONTENT_TOKENS),
+    "early-content-dropout": dict(fusion="early", item_mode="content", **CONTENT_TOKENS, item_residual_dropout=0.5),
+    "early-content-nores": dict(fusion="early", item_mode="content", **{**CONTENT_TOKENS, "item_id_residual": False}),
+    "early-content-words": dict(fusion="early", item_mode="content", item_id_residual=False, item_text="words",
+                                item_image=True),
     "early-content-words-noimg": dict(fusion="early", item_mode="content", item_id_residual=False, item_text="words",
                                       vision=None),
+    # TrainConfig's content default: words, no residual, images in the prompts but not in the item vectors
     "early-content-words-noitemimg": dict(fusion="early", item_mode="content", item_id_residual=False, item_text="words",
-                                          item_image=False),  # images in the prompts, not in the item vectors
+                                          item_image=False),
     "no-images": dict(fusion="early", item_mode="atomic", vision=None),
 }
 # variant -> (the variant whose pretraining run it continues, for the same seed; an identifier-only stage

@@ -248,7 +248,7 @@ def test_content_items_without_residuals_are_their_content_alone(small_default, 
     from recfm.foundation import RecFMForCausalLM
 
     run = train(TrainConfig(stage="pretrain", domain=str(small_default.path), tokenizers=str(tok_dir), output=str(tmp_path / "r"),
-                            max_steps=1, item_mode="content", item_id_residual=False, **TINY), progress=False)
+                            max_steps=1, item_mode="content", item_id_residual=False, item_text="tokens", **TINY), progress=False)
     model = RecFMForCausalLM.from_pretrained(run).eval()
     enc = model.model.item_encoder
     assert model.config.item_id_residual is False and enc.id_residual is None
@@ -269,7 +269,7 @@ def test_words_mode_reads_the_words_training_items_share(small_default, tok_dir,
     from recfm.training.collate import item_description
 
     run = train(TrainConfig(stage="pretrain", domain=str(small_default.path), tokenizers=str(tok_dir), output=str(tmp_path / "r"),
-                            max_steps=1, item_mode="content", item_id_residual=False, item_text="words", item_word_min_df=2,
+                            max_steps=1, item_mode="content", item_id_residual=False, item_text="words", item_word_min_df=2, item_image=True,
                             split="cold_items", cold_fraction=0.1, cold_seed=3, **TINY), progress=False)
     model = RecFMForCausalLM.from_pretrained(run).eval()
     index = Tokenizers(run).index
@@ -306,7 +306,8 @@ def test_cold_item_split_trains_without_the_cold_items_and_ranks_them(small_defa
 
     cold = dict(split="cold_items", cold_fraction=0.1, cold_seed=3)
     pre = train(TrainConfig(stage="pretrain", domain=str(small_default.path), tokenizers=str(tok_dir), output=str(tmp_path / "pre"),
-                            max_steps=2, item_mode="content", **cold, **TINY), progress=False)
+                            max_steps=2, item_mode="content", item_text="tokens", item_id_residual=True, item_image=True, **cold,
+                            **TINY), progress=False)
     info = json.loads((pre / "run.json").read_text())["split"]
     split = cold_item_split(small_default, 0.1, 3)
     assert info["name"] == "cold_items" and info["cold_items"] == list(split.cold_items)
