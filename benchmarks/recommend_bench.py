@@ -140,7 +140,18 @@ def result(report: dict, train_s: float) -> dict:
             "among_new": report["tasks"].get("next_item_among_new"), "baselines_among_new": report.get("baselines_among_new"),
             "cold_items": report.get("cold_items"),
             "train_s": train_s, "baselines": report["baselines"], "per_user_ndcg": per_user,
-            "vs_popularity": paired_test([per_user[u] for u in users], pop), "users": report["users"]}
+            "vs_popularity": paired_test([per_user[u] for u in users], pop), "users": report["users"],
+            "id_view_vs_popularity": _id_view_test(report, pop_rank)}
+
+
+def _id_view_test(report: dict, pop_rank: dict) -> dict | None:
+    """The identifier view's NDCG@10 per user against popularity's on the same users (None without that view)."""
+    from recfm.eval.metrics import ndcg_per_user, paired_test
+
+    ids = report["per_example"].get("next_item_id_sequence")
+    if not ids:
+        return None
+    return paired_test(ndcg_per_user([r["rank"] for r in ids]), ndcg_per_user([pop_rank[r["user_id"]] for r in ids]))
 
 
 def main():

@@ -455,6 +455,9 @@ def test_finetuning_a_words_model_grows_its_vocabulary_with_the_new_domains_word
     pos = {iid: k for k, iid in enumerate(index.item_ids)}
     assert torch.allclose(vec[pos["sku0"]], vec[pos["sku4"]], atol=1e-5)  # same words ("zesty"), no image, no residual
     assert not torch.allclose(vec[pos["sku0"]], vec[pos["sku1"]], atol=1e-3)  # zesty vs quirky
+    kept = train(TrainConfig(stage="finetune", domain=str(shop.path), init_from=str(base), output=str(tmp_path / "kept"),
+                             max_steps=1, tasks={"next_item": 1.0}, item_word_grow=False, **TINY), progress=False)
+    assert RecFMForCausalLM.from_pretrained(kept).config.item_word_vocab == old_words  # read with the old words only
 
 
 def test_finetuning_atomic_ids_on_a_new_domain_is_a_clear_error(tuned_run, tmp_path):

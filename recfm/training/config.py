@@ -76,7 +76,8 @@ class TrainConfig:
     # are read from the same words as warm ones), "tokens" (mean token embedding: a title's own tokens work as
     # a second identifier, and new items sank below every warm one) or "both"
     item_word_min_df: int = 10  # words: a word enters the vocabulary when this many training items have it
-    # (fine-tuning on a new domain adds the new domain's words by the same rule)
+    item_word_grow: bool = True  # finetune on a new domain, words: add the words item_word_min_df or more of its
+    # training items share (zero vectors, learned with the item encoder); false: read it with the old words only
     item_image: bool = False  # content ids, a new model: the item encoder reads each item's image too (prompts
     # show history images either way); on MovieLens's new items the poster in the item vector hurt (0.000 vs 0.148)
     # --- LoRA (finetune) ---

@@ -208,7 +208,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
         if cfg.stage == "finetune" and tokenizers.index.item_ids != ItemIndex.from_training(split.train, domain.item_ids).item_ids:
             tokenizers.for_domain(domain, split.train)  # a new domain: its items enter through content ids
             model.model.resize_catalogue(len(tokenizers.items))
-            if model.model.item_encoder.words is not None:  # and through words: the new domain's join the vocabulary
+            if model.model.item_encoder.words is not None and cfg.item_word_grow:  # the new domain's words join
                 old = WordVocabulary(tuple(model.config.item_word_vocab), tuple(model.config.item_word_idf))
                 grown = old.extend(training_words(tokenizers, domain, cfg.item_word_min_df))
                 model.model.extend_words(list(grown.words), list(grown.idf))
