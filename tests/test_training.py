@@ -460,6 +460,41 @@ def test_finetuning_a_words_model_grows_its_vocabulary_with_the_new_domains_word
     assert RecFMForCausalLM.from_pretrained(kept).config.item_word_vocab == old_words  # read with the old words only
 
 
+def test_qlora_trains_adapters_over_a_4bit_base_and_merges_them_into_the_original_weights(tuned_run, small_default, tmp_path):
+    """qlora: while training, every linear layer of the language model is a frozen NF4 bitsandbytes layer
+    and only adapters (and the head) learn; the saved model is the original weights plus each adapter's
+    low-rank delta, and a layer without an adapter comes back bit for bit (not a dequantized copy)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft.tuners.lora import LoraLayer
+    from transformers import TrainerCallback
+
+    from recfm.foundation import RecFMForCausalLM
+
+    seen = {}
+
+    class Inspect(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            lm = model.get_base_model().model.language_model
+            q, down = lm.layers[0].self_attn.q_proj, lm.layers[0].mlp.down_proj
+            seen["q"] = isinstance(q, LoraLayer) and isinstance(q.base_layer, bnb.nn.Linear4bit)
+            seen["down"] = isinstance(down, bnb.nn.Linear4bit)
+            seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad and "language_model" in n}
+
+    run = train(TrainConfig(stage="finetune", domain=str(small_default.path), init_from=str(tuned_run), output=str(tmp_path / "q"),
+                            max_steps=3, qlora=True, lr=3e-2, tasks={"next_item": 1.0}, **{k: v for k, v in TINY.items() if k != "lr"}),
+                progress=False, callbacks=[Inspect()])
+    assert seen["q"] and seen["down"]
+    assert seen["trainable"] and all("lora_" in n for n in seen["trainable"])
+    before = RecFMForCausalLM.from_pretrained(tuned_run).model.language_model
+    after = RecFMForCausalLM.from_pretrained(run).model.language_model
+    for a, b in zip(before.layers, after.layers):
+        assert torch.equal(a.mlp.down_proj.weight, b.mlp.down_proj.weight)  # no adapter: the original, bit for bit
+        delta = b.self_attn.q_proj.weight - a.self_attn.q_proj.weight
+        assert delta.abs().max() > 0 and torch.linalg.matrix_rank(delta) <= TrainConfig.lora_r  # the adapter's delta only
+    with pytest.raises(ValueError, match="qlora"):
+        TrainConfig(stage="tune", domain=str(small_default.path), init_from=str(tuned_run), qlora=True).validate()
+
+
 def test_finetuning_atomic_ids_on_a_new_domain_is_a_clear_error(tuned_run, tmp_path):
     from recfm.data.generic import prepare_generic
 

@@ -85,7 +85,8 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    qlora: bool = False  # 4-bit base weights through bitsandbytes (GPU only)
+    qlora: bool = False  # finetune: the language model's linear layers frozen as NF4 bitsandbytes weights under the
+    # adapters (QLoRA; GPU or CPU), the adapters merged into the original weights at the end
     # --- checkpoints and logs ---
     save_steps: int = 200
     save_total_limit: int = 2
@@ -130,6 +131,8 @@ class TrainConfig:
         if not self.pretrain_history and (self.stage != "pretrain" or self.id_sequence <= 0):
             raise ValueError("pretrain_history: false is a pretraining stage of identifier-only rows: it needs "
                              f"stage pretrain and id_sequence > 0 (got stage {self.stage!r}, id_sequence {self.id_sequence})")
+        if self.qlora and self.stage != "finetune":
+            raise ValueError(f"qlora is a fine-tuning setting (LoRA over a 4-bit base): stage finetune, not {self.stage!r}")
         if not 0 <= self.item_residual_dropout < 1:
             raise ValueError(f"item_residual_dropout must be in [0, 1), got {self.item_residual_dropout}")
         if self.item_text not in ("tokens", "words", "both"):

@@ -241,9 +241,14 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     if too_long:
         print(f"dropped {too_long} of {len(examples) + too_long} examples that do not fit max_tokens={cfg.max_tokens} "
               "even without history (raise max_tokens to keep them)")
+    originals = None
     if cfg.stage == "finetune":
         from peft import LoraConfig, get_peft_model
 
+        if cfg.qlora:  # a frozen NF4 base under the adapters; its full-precision layers wait for the merge
+            from .qlora import quantize_base
+
+            originals = quantize_base(model, torch.bfloat16 if use_bf16(cfg.bf16) else torch.float32)
         # adapters on the language model's projections only (the vision tower has q/k/v_proj too)
         targets = rf"model\.language_model\..*\.({'|'.join(cfg.lora_targets)})"
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -271,7 +276,12 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     if not trainer.is_world_process_zero():
         return out
     if cfg.stage == "finetune":
-        model = model.merge_and_unload()
+        if originals is not None:
+            from .qlora import merge_into_originals
+
+            model = merge_into_originals(model, originals)
+        else:
+            model = model.merge_and_unload()
     model.save_pretrained(out)
     tokenizers.save_pretrained(out)
     (out / "run.json").write_text(json.dumps({
