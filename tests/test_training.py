@@ -420,6 +420,8 @@ def test_finetuning_a_words_model_grows_its_vocabulary_with_the_new_domains_word
     """item_text words, fine-tuned on a new domain: the vocabulary keeps the old words at their ids and
     adds the words the new domain's training items share; the item encoder trains (LoRA or not), so the
     new words' vectors, which start at zero, are learned; items are read from their new words."""
+    from safetensors import safe_open
+
     from recfm.foundation import RecFMForCausalLM
     from recfm.tokenizers.bundle import Tokenizers
     from recfm.tokenizers.words import WordVocabulary
@@ -435,6 +437,8 @@ def test_finetuning_a_words_model_grows_its_vocabulary_with_the_new_domains_word
     run = train(TrainConfig(stage="finetune", domain=str(shop.path), init_from=str(base), output=str(tmp_path / "ft"),
                             max_steps=6, lr=3e-2, tasks={"next_item": 1.0}, item_word_min_df=2,
                             **{k: v for k, v in TINY.items() if k != "lr"}), progress=False)
+    with safe_open(run / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors", "pt") as f:  # resumable
+        assert any("item_encoder" in k and "words" in k for k in f.keys())
     model = RecFMForCausalLM.from_pretrained(run).eval()
     grown = list(model.config.item_word_vocab)
     index = Tokenizers(run).index

@@ -44,7 +44,8 @@ def quantize_base(model, compute_dtype: torch.dtype = torch.float32) -> dict[str
 
 def merge_into_originals(peft_model, originals: dict[str, nn.Linear]):
     """The base model with every 4-bit layer replaced by its original: plus the adapter's delta where
-    LoRA wrapped it, unchanged where not. Returns the (unwrapped) base model."""
+    LoRA wrapped it, unchanged where not; then PEFT's own unload for the rest (modules trained in
+    full, e.g. the item encoder). Returns the unwrapped base model."""
     from peft.tuners.lora import LoraLayer
 
     base = peft_model.get_base_model()
@@ -56,7 +57,4 @@ def merge_into_originals(peft_model, originals: dict[str, nn.Linear]):
                     original.weight += module.get_delta_weight(adapter).to(original.weight.device, original.weight.dtype)
         parent_name, _, leaf = path.rpartition(".")
         setattr(base.get_submodule(parent_name), leaf, original)
-    for name, module in list(base.named_modules()):  # no adapter may stay behind outside the quantized layers
-        if isinstance(module, LoraLayer):
-            raise ValueError(f"LoRA adapter on {name}, which qlora did not quantize; merge it with merge_and_unload")
-    return base
+    return peft_model.merge_and_unload()

@@ -251,10 +251,11 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
             originals = quantize_base(model, torch.bfloat16 if use_bf16(cfg.bf16) else torch.float32)
         # adapters on the language model's projections only (the vision tower has q/k/v_proj too)
         targets = rf"model\.language_model\..*\.({'|'.join(cfg.lora_targets)})"
+        # content ids: the item encoder trains in full beside the adapters (a new domain's words and residuals start
+        # at zero), and PEFT keeps it in every checkpoint, so a killed fine-tune resumes with it
+        full = ["item_encoder"] if mc.item_mode == "content" else None
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
-        if mc.item_mode == "content":  # the item encoder trains in full: a new domain's words and residuals start at zero
-            model.get_base_model().model.item_encoder.requires_grad_(True)
+                                                 target_modules=targets, modules_to_save=full, task_type="CAUSAL_LM"))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     steps_per_epoch = math.ceil(len(examples) / (cfg.batch_size * cfg.grad_accum))
