@@ -8,6 +8,22 @@ import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+AMAZON_INPUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-musical-instruments-5core"
+
+
+def amazon_domain(source: Path) -> Path:
+    """The Amazon reviews domain prepared from `source` (a 5-core file or its folder) under the user's
+    cache, once; exits with a clear message when the data is missing."""
+    import sys
+
+    if not source.exists():
+        sys.exit(f"{source} is missing: this benchmark needs the Amazon reviews data (see ../shared/data/README.md)")
+    from recfm.data.amazon import prepare_amazon
+
+    data_dir = Path.home() / ".cache" / "recfm" / "data" / "amazon"
+    if not (data_dir / "domain.json").exists():
+        prepare_amazon(source, data_dir, overwrite=True, progress=False)
+    return data_dir
 
 
 def machine(threads: int | None = None) -> dict:

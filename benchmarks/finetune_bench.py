@@ -29,14 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import AMAZON_INPUT, amazon_domain  # noqa: E402
 from common import machine as machine_info  # noqa: E402
 from common import markdown_table  # noqa: E402
 from common import write as write_result  # noqa: E402
 from recommend_bench import METRICS, result  # noqa: E402
 
-DEFAULT_INPUT = ROOT.parent / "shared" / "data" / "amazon-musical-instruments-5core"
 VARIANTS = ("grow", "keep", "scratch")
 TASKS = {"next_item": 2.0, "id_sequence": 1.0}  # next-item prompts and the identifier-only rows
 
@@ -81,7 +80,7 @@ def run_variant(variant: str, args, data_dir: Path, work: Path) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, required=True, help="a tuned content-id run folder to fine-tune")
-    ap.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="an Amazon reviews 5-core file or its folder")
+    ap.add_argument("--input", type=Path, default=AMAZON_INPUT, help="an Amazon reviews 5-core file or its folder")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--steps", type=int, default=300, help="fine-tuning (and the scratch model's tuning) steps, batch 8")
     ap.add_argument("--scratch-pretrain-steps", type=int, default=400)
@@ -93,20 +92,15 @@ def main():
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default="finetune_amazon")
     args = ap.parse_args()
-    if not args.input.exists():
-        sys.exit(f"{args.input} is missing: this benchmark needs the Amazon reviews data (see ../shared/data/README.md)")
     if not (args.base / "config.json").exists():
         sys.exit(f"{args.base} is not a run folder (no config.json); see this script's --help for how to train one")
     base_cfg = json.loads((args.base / "config.json").read_text())
     if base_cfg.get("item_mode") != "content":
         sys.exit(f"{args.base} has {base_cfg.get('item_mode')} item ids; only content ids carry over to a new domain")
 
-    from recfm.data.amazon import prepare_amazon
     from recfm.eval.metrics import paired_test
 
-    data_dir = Path.home() / ".cache" / "recfm" / "data" / "amazon"
-    if not (data_dir / "domain.json").exists():
-        prepare_amazon(args.input, data_dir, overwrite=True, progress=False)
+    data_dir = amazon_domain(args.input)
     work = args.work / "amazon"
     work.mkdir(parents=True, exist_ok=True)
     runs = {v: run_variant(v, args, data_dir, work) for v in args.variants}

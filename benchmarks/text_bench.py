@@ -21,18 +21,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import AMAZON_INPUT, amazon_domain  # noqa: E402
 from common import machine as machine_info  # noqa: E402
 from common import write as write_result  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_INPUT = ROOT.parent / "shared" / "data" / "amazon-musical-instruments-5core"
 TASKS = ("explanation", "review", "rating")
 TEXT_METRICS = ("bleu4", "rouge1", "rouge2", "rougeL")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="an Amazon reviews 5-core file or its folder")
+    ap.add_argument("--input", type=Path, default=AMAZON_INPUT, help="an Amazon reviews 5-core file or its folder")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--pretrain-steps", type=int, default=200)
@@ -43,17 +42,12 @@ def main():
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", help="result file stem (default text_<domain>)")
     args = ap.parse_args()
-    if not args.input.exists():
-        sys.exit(f"{args.input} is missing: this benchmark needs the Amazon reviews data (see ../shared/data/README.md)")
+    data_dir = amazon_domain(args.input)
 
-    from recfm.data.amazon import prepare_amazon
     from recfm.eval.runner import evaluate
     from recfm.tokenizers.build import tokenize_domain
     from recfm.training import TrainConfig, train
 
-    data_dir = Path.home() / ".cache" / "recfm" / "data" / "amazon"
-    if not (data_dir / "domain.json").exists():
-        prepare_amazon(args.input, data_dir, overwrite=True, progress=False)
     work = args.work / "amazon"
     tok_dir = work / "tokenizers"
     if not (tok_dir / "tokenizers.json").exists():
