@@ -47,6 +47,7 @@ def run_variant(variant: str, args, data_dir: Path, work: Path) -> dict:
     common = dict(domain=str(data_dir), seed=args.seed, batch_size=8, logging_steps=20, save_steps=10_000,
                   max_history=args.max_history, max_tokens=1024, tasks=TASKS)
     out = work / f"{variant}-s{args.seed}-t{args.steps}"
+    stages = [out]  # the run folders whose recorded training time the row states
     if variant == "scratch":
         from recfm.tokenizers.build import tokenize_domain
 
@@ -62,14 +63,14 @@ def run_variant(variant: str, args, data_dir: Path, work: Path) -> dict:
             train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(pre), max_steps=args.scratch_pretrain_steps,
                               lr=2e-3, **model, **common), progress=False)
         out = work / f"scratch-s{args.seed}-p{args.scratch_pretrain_steps}-t{args.steps}"
+        stages = [pre, out]
         if not (out / "run.json").exists():
             train(TrainConfig(stage="tune", init_from=str(pre), output=str(out), max_steps=args.steps, lr=1e-3, **common),
                   progress=False)
     elif not (out / "run.json").exists():
         train(TrainConfig(stage="finetune", init_from=str(args.base), output=str(out), max_steps=args.steps, lr=args.lr,
                           item_word_grow=variant == "grow", **common), progress=False)
-    runs = [out] + ([work / f"scratch-s{args.seed}-p{args.scratch_pretrain_steps}-pre"] if variant == "scratch" else [])
-    recorded = sum(json.loads((r / "run.json").read_text())["train_runtime_s"] or 0 for r in runs)
+    recorded = sum(json.loads((r / "run.json").read_text())["train_runtime_s"] or 0 for r in stages)
     config = json.loads((out / "config.json").read_text())
     report = evaluate(out, data_dir, tasks=["next_item"], seed=args.seed, progress=True)
     r = result(report, recorded)

@@ -435,8 +435,8 @@ def test_finetuning_a_words_model_grows_its_vocabulary_with_the_new_domains_word
     assert not set(SHOP_WORDS) & set(old_words)
     shop = _shop(tmp_path)
     run = train(TrainConfig(stage="finetune", domain=str(shop.path), init_from=str(base), output=str(tmp_path / "ft"),
-                            max_steps=6, lr=3e-2, tasks={"next_item": 1.0}, item_word_min_df=2,
-                            **{k: v for k, v in TINY.items() if k != "lr"}), progress=False)
+                            max_steps=6, tasks={"next_item": 1.0}, item_word_min_df=2,
+                            **{**TINY, "lr": 3e-2}), progress=False)
     with safe_open(run / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors", "pt") as f:  # resumable
         assert any("item_encoder" in k and "words" in k for k in f.keys())
     model = RecFMForCausalLM.from_pretrained(run).eval()
@@ -485,7 +485,7 @@ def test_qlora_trains_adapters_over_a_4bit_base_and_merges_them_into_the_origina
             seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad and "language_model" in n}
 
     run = train(TrainConfig(stage="finetune", domain=str(small_default.path), init_from=str(tuned_run), output=str(tmp_path / "q"),
-                            max_steps=3, qlora=True, lr=3e-2, tasks={"next_item": 1.0}, **{k: v for k, v in TINY.items() if k != "lr"}),
+                            max_steps=3, qlora=True, tasks={"next_item": 1.0}, **{**TINY, "lr": 3e-2}),
                 progress=False, callbacks=[Inspect()])
     assert seen["q"] and seen["down"]
     assert seen["trainable"] and all("lora_" in n for n in seen["trainable"])

@@ -55,10 +55,9 @@ class WordVocabulary:
         """Fine-tuning on a new domain: this vocabulary's words first, at their ids, then `other`'s words
         it lacks, in `other`'s order. A word `other` has takes `other`'s idf (the statistics of the
         items being read now); the rest keep this one's."""
-        own = {w: k for k, w in enumerate(other.words)}
-        new = [w for w in other.words if w not in self._index]
-        words = (*self.words, *new)
-        return WordVocabulary(words, tuple(other.idf[own[w]] if w in own else self.idf[k] for k, w in enumerate(words)))
+        words = (*self.words, *(w for w in other.words if w not in self._index))
+        return WordVocabulary(words, tuple(other.idf[other._index[w]] if w in other._index else self.idf[k]
+                                           for k, w in enumerate(words)))
 
     def encode(self, text: str | None, max_words: int) -> tuple[list[int], list[float]]:
         """A text's words in the vocabulary as (ids, weights): TF-IDF with binary term frequency,
