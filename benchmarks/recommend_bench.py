@@ -55,8 +55,16 @@ ID_STAGES = {
     "early-atomic-idstage": ("early-atomic", dict(id_readings=5, epochs=1.0, batch_size=32, lr=1e-3), {}),
     "early-atomic-idstage-e3": ("early-atomic", dict(id_readings=5, epochs=3.0, batch_size=32, lr=1e-3), dict(lr=3e-4)),
 }
+# variant -> (the variant whose pretraining and identifier-only runs it continues, for the same seed; its tuning
+# stage's further overrides): the same stages up to tuning, so the two tuned runs differ in one setting
+TUNE_VARIANTS = {
+    # the prompt's answer position also learns the identifier view's distribution (KL, weight 1)
+    "early-atomic-idstage-e3-distill": ("early-atomic-idstage-e3", dict(answer_distill=1.0)),
+}
 for _v in ID_STAGES:
     VARIANTS[_v] = VARIANTS["early-atomic"]
+for _v, (_base, _) in TUNE_VARIANTS.items():
+    VARIANTS[_v] = VARIANTS[_base]
 METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr")
 
 
@@ -70,9 +78,10 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
     cold = ("-cold" + (str(args.cold_seed) if args.cold_seed else "")) if args.split == "cold_items" else ""
     name = f"{variant}-s{seed}{cold}"
     final = work / name
-    stages = [work / f"{name}-pre"] + ([work / f"{name}-ids"] if variant in ID_STAGES else [])
-    if variant in ID_STAGES:  # continue the base variant's pretraining run of this seed
-        stages[0] = work / f"{ID_STAGES[variant][0]}-s{seed}{cold}-pre"
+    staged, tune_extra = TUNE_VARIANTS.get(variant, (variant, {}))  # whose stages before tuning this run shares
+    stages = [work / f"{staged}-s{seed}{cold}-pre"] + ([work / f"{staged}-s{seed}{cold}-ids"] if staged in ID_STAGES else [])
+    if staged in ID_STAGES:  # continue the base variant's pretraining run of this seed
+        stages[0] = work / f"{ID_STAGES[staged][0]}-s{seed}{cold}-pre"
     if args.reuse and (final / "run.json").exists():  # evaluate a run this script trained before
         for flag, folder, wanted in (("pretrain", stages[0], args.pretrain_steps), ("tune", final, args.tune_steps)):
             done = json.loads((folder / "run.json").read_text())["steps"]  # the table states the step counts
@@ -82,7 +91,7 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
         report = evaluate(final, domain_dir, tasks=["next_item"], seed=seed, progress=True, split=args.split)
         return result(report, runtime)
     t0 = time.perf_counter()
-    if (stages[0] / "run.json").exists() and variant in ID_STAGES:
+    if (stages[0] / "run.json").exists() and (staged in ID_STAGES or staged != variant):
         pre, info = stages[0], json.loads((stages[0] / "run.json").read_text())
         if info["steps"] != args.pretrain_steps:
             raise SystemExit(f"{pre} pretrained {info['steps']} steps, not --pretrain-steps {args.pretrain_steps}")
@@ -92,14 +101,14 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
                                 max_steps=args.pretrain_steps, lr=2e-3, **common), progress=False)
     for k in ("vision", "fusion", "item_mode", "item_layout", "item_id_residual"):  # the model's own, from the pretrained run
         common.pop(k, None)
-    if variant in ID_STAGES and (stages[1] / "run.json").exists():  # a finished identifier-only stage of this seed
+    if staged in ID_STAGES and (stages[1] / "run.json").exists():  # a finished identifier-only stage of this seed
         pre = stages[1]
         t0 -= json.loads((pre / "run.json").read_text())["train_runtime_s"]
-    elif variant in ID_STAGES:
+    elif staged in ID_STAGES:
         pre = train(TrainConfig(stage="pretrain", init_from=str(pre), output=str(stages[1]), pretrain_history=False,
-                                **{**common, **ID_STAGES[variant][1]}), progress=False)
+                                **{**common, **ID_STAGES[staged][1]}), progress=False)
     tune = {**common, "max_steps": args.tune_steps, "lr": 1e-3, "tasks": {"next_item": 2.0, "pick_candidate": 1.0, "id_sequence": 1.0},
-            **(ID_STAGES[variant][2] if variant in ID_STAGES else {})}
+            **(ID_STAGES[staged][2] if staged in ID_STAGES else {}), **tune_extra}
     run = train(TrainConfig(stage="tune", init_from=str(pre), output=str(final), **tune), progress=False)
     train_s = time.perf_counter() - t0
     report = evaluate(run, domain_dir, tasks=["next_item"], seed=seed, progress=True, split=args.split)

@@ -511,6 +511,72 @@ def test_finetuning_atomic_ids_on_a_new_domain_is_a_clear_error(tuned_run, tmp_p
                           max_steps=2, **TINY), progress=False)
 
 
+@pytest.mark.parametrize("mode", ["atomic", "content"])
+def test_answer_distillation_is_the_kl_from_the_identifier_view_to_the_prompts_answer(mode, tuned_run, small_default,
+                                                                                   tok_dir, tmp_path):
+    """answer_distill: each next-item row's teacher is its training prefix (never its target) in the
+    identifier-only view; the loss adds weight x KL(id view || prompt) over the catalogue, where the
+    prompt's distribution is what `score_items` ranks at evaluation and the id view's what its id view ranks."""
+    import torch.nn.functional as F
+
+    from recfm.data import load_domain, make_split
+    from recfm.foundation import RecFMForCausalLM
+    from recfm.instructions.chat import id_sequence_prompt, render
+    from recfm.tokenizers.bundle import Tokenizers
+    from recfm.training.collate import Collator, ItemImages, content_catalogue, render_context
+    from recfm.training.trainer import _examples
+
+    run = tuned_run if mode == "atomic" else train(TrainConfig(
+        stage="pretrain", domain=str(small_default.path), tokenizers=str(tok_dir), output=str(tmp_path / "c"),
+        max_steps=2, id_sequence=4, item_mode="content", **TINY), progress=False)
+    cfg = TrainConfig(stage="tune", domain=str(small_default.path), init_from=str(run), output=str(tmp_path / "t"),
+                      id_sequence=4, answer_distill=0.5, tasks={"next_item": 1.0, "yes_no": 1.0}, **TINY)
+    split = make_split(load_domain(small_default.path), "leave_one_out")
+    rows = list(_examples(cfg, small_default, split).select(range(8)))
+    assert {"next_item", "yes_no"} == {r["task"] for r in rows}
+    train_seq = {s["user_id"]: s["item_ids"] for s in split.train}
+    for r in rows:  # the teacher's history is the prefix before the row's target inside the training sequence
+        hist = json.loads(r["history"])
+        assert train_seq[r["user_id"]][: len(hist) + 1] == hist + [r["target"]]
+
+    model = RecFMForCausalLM.from_pretrained(run).eval()
+    tok = Tokenizers(run)
+    images = ItemImages(small_default, model.config.vision_config.image_size)
+    if mode == "content":
+        content_catalogue(model, tok, small_default, images)
+    ctx = render_context(tok, small_default, model.config, 256)
+    batch = Collator(ctx, images, model.config, distill=4)(rows)
+    picked = [k for k, r in enumerate(rows) if r["task"] == "next_item"]
+    assert batch["teacher_rows"].tolist() == picked
+    first = id_sequence_prompt(json.loads(rows[picked[0]]["history"])[-4:], ctx).input_ids
+    assert batch["teacher_input_ids"][0, : len(first)].tolist() == first
+
+    with torch.no_grad():
+        model.config.answer_distill = 0.5
+        with_kl = model(**batch).loss
+        plain = model(**{k: v for k, v in batch.items() if not k.startswith("teacher_")}).loss
+        # by hand, through the ranking path evaluation uses: the prompt open at its answer, and the id view
+        prompts = Collator(ctx, images, model.config).batch(
+            [render(json.loads(rows[k]["messages"])[:1], ctx, add_generation_prompt=True) for k in picked])
+        student = model.score_items(prompts["input_ids"], prompts["attention_mask"], prompts.get("pixel_values"),
+                                    prompts.get("content_item_ids"))
+        teacher = model.score_items(batch["teacher_input_ids"], batch["teacher_attention_mask"],
+                                    content_item_ids=batch.get("teacher_content_item_ids"))
+    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+    assert float(kl) > 1e-4
+    assert float(with_kl - plain) == pytest.approx(0.5 * float(kl), rel=1e-3, abs=1e-5)
+
+    if mode == "atomic":  # a real tuning run with the term, and the settings it cannot take
+        done = train(TrainConfig(**{**cfg.__dict__, "max_steps": 2}), progress=False)
+        assert json.loads((done / "config.json").read_text())["answer_distill"] == 0.5
+        losses = [h["loss"] for h in json.loads((done / "log_history.json").read_text()) if "loss" in h]
+        assert losses and all(0 < x < 50 for x in losses)
+        with pytest.raises(ValueError, match="answer_distill"):
+            TrainConfig.load(None, stage="pretrain", domain="x", tokenizers="y", answer_distill=1.0)
+        with pytest.raises(ValueError, match="answer_distill"):
+            TrainConfig.load(None, stage="tune", domain="x", tokenizers="y", answer_distill=1.0, id_sequence=0)
+
+
 def test_rows_are_measured_for_batching_by_length(small_default, tok_dir):
     """The trainer measures every row in tokens (the `length` column LengthGroupedSampler batches by),
     leaves out and counts rows that cannot fit, and short identifier rows then share batches."""

@@ -76,6 +76,7 @@ class RecFMConfig(PreTrainedConfig):
     context_loss_weight: float = 0.0
     contrastive_loss_weight: float = 0.0
     contrastive_temperature: float = 0.07
+    answer_distill: float = 0.0  # KL from the identifier view's next-item distribution to a prompt's answer position
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

@@ -416,6 +416,7 @@ class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
                 labels=None, pixel_values=None, content_item_ids=None, use_cache=None, logits_to_keep=0,
                 **kwargs) -> CausalLMOutputWithPast:
         kwargs.pop("num_items_in_batch", None)
+        teacher = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("teacher_")}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          inputs_embeds=inputs_embeds, pixel_values=pixel_values, content_item_ids=content_item_ids,
                          use_cache=use_cache, **kwargs)
@@ -427,6 +428,8 @@ class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
             loss = self.loss(hidden, logits, labels, input_ids, content_item_ids)
             if out.contrastive_loss is not None:
                 loss = loss + self.config.contrastive_loss_weight * out.contrastive_loss
+            if teacher and self.config.answer_distill > 0:
+                loss = loss + self.config.answer_distill * self.answer_distillation(hidden, labels, teacher)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
                                       attentions=out.attentions)
 
@@ -487,6 +490,50 @@ class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
                         total = total + weight * F.cross_entropy(scores, content_item_ids.to(scores.device)[ordinal[sel]])
         return total
 
+    def answer_distillation(self, hidden, labels, teacher: dict) -> torch.Tensor:
+        """KL(teacher || student) over the catalogue at the answer position of each row in
+        `teacher["teacher_rows"]`: the teacher is the model's own next-item distribution after the same
+        history in the identifier-only view (`teacher_input_ids`, open after its last item), computed without
+        gradient. That view learns next-item prediction at every position of every sequence, a prompt's
+        answer position at one; the soft target carries the whole ranking, not only the one observed item."""
+        cfg = self.config
+        if cfg.item_mode == "semantic":
+            raise ValueError("answer_distill needs one score per item (atomic or content ids), not semantic code paths")
+        rows = teacher["teacher_rows"].to(hidden.device)
+        nxt = labels[rows, 1:].to(hidden.device)  # hidden[:, t] predicts labels[:, t + 1]
+        if cfg.item_mode == "atomic":
+            is_item = (nxt >= cfg.item_token_offset) & (nxt < cfg.item_token_offset + cfg.n_items)
+        else:
+            is_item = nxt == cfg.item_token_id
+        has = is_item.any(1)
+        if not bool(has.any()):
+            return hidden.sum() * 0.0
+        pos = is_item.int().argmax(1)  # the answer's first item position
+        student = self._item_scores(hidden[rows, pos][has], trained_only=True)
+        with torch.no_grad():
+            mask = teacher["teacher_attention_mask"]
+            out = self.model(input_ids=teacher["teacher_input_ids"], attention_mask=mask,
+                             content_item_ids=teacher.get("teacher_content_item_ids"))
+            last = mask.sum(1) - 1
+            t = self._item_scores(out.last_hidden_state[torch.arange(len(last), device=last.device), last][has],
+                                  trained_only=True)
+        return F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(t.float(), -1), log_target=True,
+                        reduction="batchmean")
+
+    def _item_scores(self, h: torch.Tensor, trained_only: bool = False) -> torch.Tensor:
+        """(N, n_items) scores of every item from N hidden states: atomic, the item tokens' logits;
+        content, the ranking head against every item's content vector (`trained_only`: the items with a
+        training interaction, as in the training loss)."""
+        cfg = self.config
+        if cfg.item_mode == "atomic":
+            # through the head module rather than its weight, so a quantized head scores items too
+            return self.lm_head(h)[:, cfg.item_token_offset : cfg.item_token_offset + cfg.n_items]
+        catalogue = self.model.item_embeddings()
+        trained = getattr(self.model, "n_trained_items", None)
+        if trained_only and trained:
+            catalogue = catalogue[:trained]
+        return self.item_head(h) @ catalogue.T
+
     # --- ranking --------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -507,13 +554,7 @@ class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
         else:  # the last real token (works for left or right padding)
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)
             last = (attention_mask.bool() * pos).argmax(1)
-        h = out.last_hidden_state[torch.arange(len(last)), last]
-        if cfg.item_mode == "atomic":
-            # through the head module rather than its weight, so a quantized head scores items too
-            scores = self.lm_head(h)[:, cfg.item_token_offset : cfg.item_token_offset + cfg.n_items]
-        else:
-            scores = self.item_head(h) @ self.model.item_embeddings().T
-        scores = scores.float()
+        scores = self._item_scores(out.last_hidden_state[torch.arange(len(last)), last]).float()
         if exclude:
             for b, items in enumerate(exclude):
                 if items:

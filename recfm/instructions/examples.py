@@ -7,7 +7,8 @@ included, so no evaluation item of a user ever appears in that user's training p
 Held-out templates are never used for training. Evaluation examples come from the validation or
 test examples of a split (history -> target), with every template, each tagged seen or held out.
 
-A row: task, family, template_id, held_out, user_id, target, messages (JSON), answer (text or item).
+A row: task, family, template_id, held_out, user_id, target, messages (JSON), answer (text or item),
+history (JSON: the ids of every item before the target, not only the ones the prompt shows).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ TASKS = ("next_item", "pick_candidate", "explanation", "yes_no", "which_image", 
 EXAMPLE_FEATURES = Features({
     "task": Value("string"), "family": Value("string"), "template_id": Value("string"), "held_out": Value("bool"),
     "user_id": Value("string"), "target": Value("string"), "answer": Value("string"), "messages": Value("string"),
+    "history": Value("string"),
 })
 
 
@@ -127,7 +129,7 @@ def _rows(task: str, templates: Sequence[Template], source: Iterable[dict], cat:
                 continue
             yield {"task": task, "family": tpl.family, "template_id": tpl.id, "held_out": tpl.held_out,
                    "user_id": ex["user_id"], "target": ex["target"], "answer": _answer_text(task, v),
-                   "messages": json.dumps(fill(tpl, v))}
+                   "messages": json.dumps(fill(tpl, v)), "history": json.dumps(list(ex["history"]))}
 
 
 def _training_points(split: Split, rng: np.random.Generator, per_user: int) -> list[dict]:
@@ -176,9 +178,10 @@ def build_eval_examples(domain: Domain, split: Split, stage: str = "test", tasks
     return Dataset.from_list(rows, features=EXAMPLE_FEATURES)
 
 
-def _row(task: str, user: str, content: list[dict], target: str, view: str) -> dict:
+def _row(task: str, user: str, content: list[dict], items: list[str], view: str) -> dict:
     return {"task": task, "family": "pretrain", "template_id": view, "held_out": False, "user_id": user,
-            "target": target, "answer": "", "messages": json.dumps([{"role": "user", "content": content}])}
+            "target": items[-1], "answer": "", "messages": json.dumps([{"role": "user", "content": content}]),
+            "history": json.dumps(items[:-1])}
 
 
 def _id_sequence_rows(seq: dict, length: int, task: str, readings: int = 1) -> list[dict]:
@@ -193,7 +196,7 @@ def _id_sequence_rows(seq: dict, length: int, task: str, readings: int = 1) -> l
         for end in range(len(items), 1, -length):
             chunk = items[max(0, end - length) : end]
             if len(chunk) >= 2:
-                rows.append(_row(task, seq["user_id"], [item_part(i, "id") for i in chunk], chunk[-1], "id_sequence"))
+                rows.append(_row(task, seq["user_id"], [item_part(i, "id") for i in chunk], list(chunk), "id_sequence"))
     return rows
 
 
@@ -225,7 +228,7 @@ def build_pretraining_examples(split: Split, max_history: int = 20, seed: int = 
             chunk = items[start : start + max_history]
             if len(chunk) >= 2:
                 rows.append(_row("pretrain", seq["user_id"], [item_part(i, "history", r) for i, r in chunk],
-                                 chunk[-1][0], "history"))
+                                 [i for i, _ in chunk], "history"))
         if id_sequence > 0:
             rows += _id_sequence_rows(seq, id_sequence, "pretrain", id_readings)
     return Dataset.from_list(rows, features=EXAMPLE_FEATURES)

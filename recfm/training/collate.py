@@ -2,7 +2,9 @@
 
 The collator renders each conversation with `recfm.instructions.chat.render`, right-pads ids and
 labels, loads and normalises the images the prompts refer to (catalogue images are read once and
-kept as uint8), and lists the content-mode item of every <item> placeholder in row-major order.
+kept as uint8), and lists the content-mode item of every <item> placeholder in row-major order. With
+`distill` > 0 it also renders each next-item row's history in the identifier-only view (its newest
+`distill` items), as `teacher_*` tensors: the prompt's answer position learns that view's distribution.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..instructions.chat import IGNORE, Item, RenderContext, render
+from ..instructions.chat import IGNORE, Item, RenderContext, id_sequence_prompt, render
 from ..tokenizers.words import WordVocabulary
 
 
@@ -52,8 +54,10 @@ def render_context(tokenizers, domain, model_config, max_tokens: int = 1024) -> 
 class Collator:
     """Callable for a DataLoader / Trainer: rows with a `messages` JSON column -> a batch dict."""
 
-    def __init__(self, ctx: RenderContext, images: ItemImages | None, model_config, pad_to_multiple: int = 8):
+    def __init__(self, ctx: RenderContext, images: ItemImages | None, model_config, pad_to_multiple: int = 8,
+                 distill: int = 0):
         self.ctx, self.images, self.cfg = ctx, images, model_config
+        self.distill = distill
         self.pad_id = ctx.tokenizer.pad_token_id
         self.pad_to_multiple = pad_to_multiple
         self.mean = torch.tensor(model_config.image_mean).view(1, 3, 1, 1)
@@ -64,7 +68,22 @@ class Collator:
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         encoded = [self.encode(r["messages"]) for r in rows]
-        return self.batch(encoded)
+        out = self.batch(encoded)
+        if self.distill:
+            out.update(self.teacher(rows))
+        return out
+
+    def teacher(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """The identifier-only view of each next-item row's history (`teacher_rows`: which rows), or {}."""
+        picked = [(k, json.loads(r["history"])[-self.distill:]) for k, r in enumerate(rows)
+                  if r.get("task") == "next_item" and r.get("history")]
+        picked = [(k, h) for k, h in picked if h]
+        if not picked:
+            return {}
+        b = self.batch([id_sequence_prompt(h, self.ctx) for _, h in picked])
+        out = {f"teacher_{k}": v for k, v in b.items() if k != "labels"}
+        out["teacher_rows"] = torch.tensor([k for k, _ in picked], dtype=torch.long)
+        return out
 
     def batch(self, encoded) -> dict[str, torch.Tensor]:
         length = max(len(e.input_ids) for e in encoded)

@@ -64,6 +64,10 @@ class TrainConfig:
     focal_gamma: float = 0.0  # > 0: focal re-weighting of answer tokens (UniMP)
     context_loss_weight: float = 0.0  # predict history items' identifiers (pretrain sets 1.0)
     contrastive_loss_weight: float = 0.0  # image-text alignment (pretrain sets 0.1)
+    answer_distill: float = 0.0  # tune/finetune, atomic or content ids: weight of a KL term that teaches each
+    # next-item prompt's answer position the model's own identifier-view distribution over the catalogue for the
+    # same history (the newest id_sequence items; the teacher pass runs without gradient): the identifier view
+    # learns next-item prediction at every position of every sequence, the prompt's answer position at one
     # Content ids of a new model read an item as its shared words, with no per-item vector and no image in the
     # item vector: on MovieLens, tokens, residuals and item images each kept new items out of the top 10; this
     # setting reached full-ranking HR@10 0.148 on one draw of new items (0.000 on a second, 0.000 for tokens +
@@ -132,6 +136,12 @@ class TrainConfig:
         if not self.pretrain_history and (self.stage != "pretrain" or self.id_sequence <= 0):
             raise ValueError("pretrain_history: false is a pretraining stage of identifier-only rows: it needs "
                              f"stage pretrain and id_sequence > 0 (got stage {self.stage!r}, id_sequence {self.id_sequence})")
+        if self.answer_distill < 0:
+            raise ValueError(f"answer_distill is a loss weight, >= 0; got {self.answer_distill}")
+        if self.answer_distill > 0 and (self.stage == "pretrain" or self.id_sequence <= 0):
+            raise ValueError("answer_distill teaches next-item prompts the identifier view's distribution: it needs "
+                             f"stage tune or finetune and id_sequence > 0 (got stage {self.stage!r}, id_sequence "
+                             f"{self.id_sequence})")
         if self.qlora and self.stage != "finetune":
             raise ValueError(f"qlora is a fine-tuning setting (LoRA over a 4-bit base): stage finetune, not {self.stage!r}")
         if not 0 <= self.item_residual_dropout < 1:
