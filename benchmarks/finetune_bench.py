@@ -45,8 +45,9 @@ def run_variant(variant: str, args, data_dir: Path, work: Path) -> dict:
     from recfm.training import TrainConfig, train
 
     common = dict(domain=str(data_dir), seed=args.seed, batch_size=8, logging_steps=20, save_steps=10_000,
-                  max_history=args.max_history, max_tokens=1024, tasks=TASKS)
-    out = work / f"{variant}-s{args.seed}-t{args.steps}"
+                  max_history=args.max_history, max_tokens=1024, tasks=TASKS, answer_distill=args.answer_distill)
+    distill = f"-d{args.answer_distill:g}" if args.answer_distill else ""
+    out = work / f"{variant}-s{args.seed}-t{args.steps}{distill}"
     stages = [out]  # the run folders whose recorded training time the row states
     if variant == "scratch":
         from recfm.tokenizers.build import tokenize_domain
@@ -62,7 +63,7 @@ def run_variant(variant: str, args, data_dir: Path, work: Path) -> dict:
         if not (pre / "run.json").exists():
             train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(pre), max_steps=args.scratch_pretrain_steps,
                               lr=2e-3, **model, **common), progress=False)
-        out = work / f"scratch-s{args.seed}-p{args.scratch_pretrain_steps}-t{args.steps}"
+        out = work / f"scratch-s{args.seed}-p{args.scratch_pretrain_steps}-t{args.steps}{distill}"
         stages = [pre, out]
         if not (out / "run.json").exists():
             train(TrainConfig(stage="tune", init_from=str(pre), output=str(out), max_steps=args.steps, lr=1e-3, **common),
@@ -89,6 +90,8 @@ def main():
     ap.add_argument("--preset", default="small", help="the scratch model's size")
     ap.add_argument("--max-history", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--answer-distill", type=float, default=0.0,
+                    help="answer_distill of the fine-tuning (and scratch tuning) runs; the committed tables ran with 0")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "recfm" / "bench-finetune")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default="finetune_amazon")

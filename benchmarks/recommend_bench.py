@@ -60,6 +60,11 @@ ID_STAGES = {
 TUNE_VARIANTS = {
     # the prompt's answer position also learns the identifier view's distribution (KL, weight 1)
     "early-atomic-idstage-e3-distill": ("early-atomic-idstage-e3", dict(answer_distill=1.0)),
+    "early-atomic-idstage-e3-distill5": ("early-atomic-idstage-e3", dict(answer_distill=5.0)),  # weight 5
+    # without and with it (weight 1, chosen on the validation split of seed 0) at tuning seed 1 (data order and
+    # example draws; the earlier stages are seed 0's)
+    "early-atomic-idstage-e3-t1": ("early-atomic-idstage-e3", dict(seed=1)),
+    "early-atomic-idstage-e3-distill-t1": ("early-atomic-idstage-e3", dict(answer_distill=1.0, seed=1)),
 }
 for _v in ID_STAGES:
     VARIANTS[_v] = VARIANTS["early-atomic"]
@@ -107,7 +112,9 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
     elif staged in ID_STAGES:
         pre = train(TrainConfig(stage="pretrain", init_from=str(pre), output=str(stages[1]), pretrain_history=False,
                                 **{**common, **ID_STAGES[staged][1]}), progress=False)
+    # answer_distill off unless a variant sets it: the tables committed before it existed ran without it
     tune = {**common, "max_steps": args.tune_steps, "lr": 1e-3, "tasks": {"next_item": 2.0, "pick_candidate": 1.0, "id_sequence": 1.0},
+            "answer_distill": 0.0,
             **(ID_STAGES[staged][2] if staged in ID_STAGES else {}), **tune_extra}
     run = train(TrainConfig(stage="tune", init_from=str(pre), output=str(final), **tune), progress=False)
     train_s = time.perf_counter() - t0

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from recfm.training import TrainConfig, train
+from recfm.training.config import AUTO_ANSWER_DISTILL
 
 TINY = dict(preset="tiny", batch_size=4, logging_steps=2, max_history=6, max_tokens=256, lr=3e-3, bf16=False,
             per_user=1, save_steps=4)
@@ -571,6 +572,11 @@ def test_answer_distillation_is_the_kl_from_the_identifier_view_to_the_prompts_a
         assert json.loads((done / "config.json").read_text())["answer_distill"] == 0.5
         losses = [h["loss"] for h in json.loads((done / "log_history.json").read_text()) if "loss" in h]
         assert losses and all(0 < x < 50 for x in losses)
+        assert json.loads((tuned_run / "config.json").read_text())["answer_distill"] == AUTO_ANSWER_DISTILL > 0  # unset
+        unset = TrainConfig.load(None, stage="tune", domain="x", tokenizers="y")
+        assert unset.distill_weight("content") == AUTO_ANSWER_DISTILL and unset.distill_weight("semantic") == 0
+        assert TrainConfig.load(None, stage="pretrain", domain="x", tokenizers="y").distill_weight("atomic") == 0
+        assert TrainConfig.load(None, stage="tune", domain="x", tokenizers="y", id_sequence=0).distill_weight("atomic") == 0
         with pytest.raises(ValueError, match="answer_distill"):
             TrainConfig.load(None, stage="pretrain", domain="x", tokenizers="y", answer_distill=1.0)
         with pytest.raises(ValueError, match="answer_distill"):

@@ -198,8 +198,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     knobs = dict(focal_gamma=cfg.focal_gamma, item_residual_dropout=cfg.item_residual_dropout,
                  context_loss_weight=cfg.context_loss_weight or (1.0 if cfg.stage == "pretrain" or _replays_id_sequence(cfg)
                                                                  else 0.0),
-                 contrastive_loss_weight=cfg.contrastive_loss_weight or (0.1 if cfg.stage == "pretrain" else 0.0),
-                 answer_distill=cfg.answer_distill)
+                 contrastive_loss_weight=cfg.contrastive_loss_weight or (0.1 if cfg.stage == "pretrain" else 0.0))
     if cfg.init_from:
         _check_same_cold_items(cfg, Path(cfg.init_from))
         tokenizers = Tokenizers(cfg.init_from)
@@ -236,12 +235,13 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     if mc.item_mode == "content":
         content_catalogue(model, tokenizers, domain, images)
         model.model.n_trained_items = tokenizers.index.n_train_items  # the training loss's catalogue (seen items first)
-    if cfg.answer_distill > 0 and mc.item_mode == "semantic":
-        raise ValueError(f"answer_distill needs one score per item (atomic or content ids); {cfg.init_from} has "
-                         "semantic ids")
+    mc.answer_distill = cfg.distill_weight(mc.item_mode)
+    if mc.answer_distill > 0 and mc.item_mode == "semantic":
+        raise ValueError(f"answer_distill needs one score per item (atomic or content ids); {cfg.init_from or 'this model'} "
+                         "has semantic ids (set answer_distill: 0)")
     examples = _examples(cfg, domain, split)
     collator = Collator(render_context(tokenizers, domain, mc, cfg.max_tokens), images, mc,
-                        distill=cfg.id_sequence if cfg.answer_distill > 0 else 0)
+                        distill=cfg.id_sequence if mc.answer_distill > 0 else 0)
     examples, too_long = _measure(examples, collator)
     if too_long:
         print(f"dropped {too_long} of {len(examples) + too_long} examples that do not fit max_tokens={cfg.max_tokens} "
