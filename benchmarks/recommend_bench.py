@@ -93,7 +93,8 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
             if done != wanted:
                 raise SystemExit(f"{folder} ran {done} steps, not the {wanted} this command states (pass --{flag}-steps {done})")
         runtime = sum(json.loads((d / "run.json").read_text())["train_runtime_s"] for d in [final, *stages])
-        report = evaluate(final, domain_dir, tasks=["next_item"], seed=seed, progress=True, split=args.split)
+        report = evaluate(final, domain_dir, tasks=["next_item"], seed=seed, progress=True, split=args.split,
+                          stage=args.stage)
         return result(report, runtime)
     t0 = time.perf_counter()
     if (stages[0] / "run.json").exists() and (staged in ID_STAGES or staged != variant):
@@ -118,7 +119,8 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
             **(ID_STAGES[staged][2] if staged in ID_STAGES else {}), **tune_extra}
     run = train(TrainConfig(stage="tune", init_from=str(pre), output=str(final), **tune), progress=False)
     train_s = time.perf_counter() - t0
-    report = evaluate(run, domain_dir, tasks=["next_item"], seed=seed, progress=True, split=args.split)
+    report = evaluate(run, domain_dir, tasks=["next_item"], seed=seed, progress=True, split=args.split,
+                          stage=args.stage)
     return result(report, train_s)
 
 
@@ -188,6 +190,9 @@ def main():
                          "(content/semantic variants; SASRec is not run)")
     ap.add_argument("--cold-fraction", type=float, default=0.05)
     ap.add_argument("--cold-seed", type=int, default=0, help="which draw of cold items")
+    ap.add_argument("--stage", default="test", choices=["test", "valid"],
+                    help="valid: rank each user's validation item instead (the one before the test item), to choose "
+                         "settings without looking at the test split")
     ap.add_argument("--reuse", action="store_true", help="evaluate runs already trained under --work instead of training")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "recfm" / "bench")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -256,8 +261,9 @@ def main():
     shown = METRICS + (("median_rank",) if args.split == "cold_items" else ())  # HR@K is often 0 for new items
     header = ["ranker", "seed", *shown, "train (s)"]
     n_eval = next((v["users"] for k, v in raw.items() if k.startswith("recfm/")), len(domain.sequences))
+    asked = "validation (each user's second-to-last item)" if args.stage == "valid" else "test"
     lines = [f"# Next-item prediction on {domain.name}", "",
-             (f"Leave-one-out test, full ranking over {len(domain.item_ids)} items, history masked, "
+             (f"Leave-one-out {asked}, full ranking over {len(domain.item_ids)} items, history masked, "
               f"{len(domain.sequences)} users." if args.split == "leave_one_out" else
               f"Cold items: {args.cold_fraction:.0%} of the items (seeded draw, cold_seed {args.cold_seed}) never in training; each user "
               f"who later consumed one is asked for the first of them from the warm items before it, full ranking over "

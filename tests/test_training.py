@@ -537,7 +537,7 @@ def test_answer_distillation_is_the_kl_from_the_identifier_view_to_the_prompts_a
     assert {"next_item", "yes_no"} == {r["task"] for r in rows}
     train_seq = {s["user_id"]: s["item_ids"] for s in split.train}
     for r in rows:  # the teacher's history is the prefix before the row's target inside the training sequence
-        hist = json.loads(r["history"])
+        hist = r["history"]
         assert train_seq[r["user_id"]][: len(hist) + 1] == hist + [r["target"]]
 
     model = RecFMForCausalLM.from_pretrained(run).eval()
@@ -549,7 +549,7 @@ def test_answer_distillation_is_the_kl_from_the_identifier_view_to_the_prompts_a
     batch = Collator(ctx, images, model.config, distill=4)(rows)
     picked = [k for k, r in enumerate(rows) if r["task"] == "next_item"]
     assert batch["teacher_rows"].tolist() == picked
-    first = id_sequence_prompt(json.loads(rows[picked[0]]["history"])[-4:], ctx).input_ids
+    first = id_sequence_prompt(rows[picked[0]]["history"][-4:], ctx).input_ids
     assert batch["teacher_input_ids"][0, : len(first)].tolist() == first
 
     with torch.no_grad():
