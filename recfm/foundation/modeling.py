@@ -479,10 +479,9 @@ class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
                     input_ids == cfg.item_token_id, torch.arange(len(content_item_ids), device=input_ids.device))[:, 1:]
                 answer = is_item & (shift_labels == cfg.item_token_id)
                 context = is_item & (shift_labels == IGNORE)
-                catalogue = self.model.item_embeddings()
-                trained = getattr(self.model, "n_trained_items", None)
-                if trained:  # items with no training interaction are no one's negative either (cold items
-                    catalogue = catalogue[:trained]  # would otherwise only ever be pushed down); they come last
+                # items with no training interaction are no one's negative either (cold items would otherwise
+                # only ever be pushed down); they come last
+                catalogue = self._item_catalogue(trained_only=True)
                 scores_all = self.item_head(hidden[:, :-1]).float()
                 for sel, weight in ((answer, 1.0), (context, cfg.context_loss_weight)):
                     if weight > 0 and bool(sel.any()):
@@ -509,30 +508,35 @@ class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
         if not bool(has.any()):
             return hidden.sum() * 0.0
         pos = is_item.int().argmax(1)  # the answer's first item position
-        student = self._item_scores(hidden[rows, pos][has], trained_only=True)
+        catalogue = self._item_catalogue(trained_only=True)  # content ids: encoded once, for student and teacher
+        student = self._item_scores(hidden[rows, pos][has], catalogue)
         with torch.no_grad():
             mask = teacher["teacher_attention_mask"]
             out = self.model(input_ids=teacher["teacher_input_ids"], attention_mask=mask,
                              content_item_ids=teacher.get("teacher_content_item_ids"))
             last = mask.sum(1) - 1
             t = self._item_scores(out.last_hidden_state[torch.arange(len(last), device=last.device), last][has],
-                                  trained_only=True)
+                                  None if catalogue is None else catalogue.detach())
         return F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(t.float(), -1), log_target=True,
                         reduction="batchmean")
 
-    def _item_scores(self, h: torch.Tensor, trained_only: bool = False) -> torch.Tensor:
-        """(N, n_items) scores of every item from N hidden states: atomic, the item tokens' logits;
-        content, the ranking head against every item's content vector (`trained_only`: the items with a
-        training interaction, as in the training loss)."""
+    def _item_catalogue(self, trained_only: bool = False) -> torch.Tensor | None:
+        """Content ids: every item's content vector (`trained_only`: the items with a training interaction,
+        which come first, as in the training loss); None for atomic ids."""
+        if self.config.item_mode != "content":
+            return None
+        catalogue = self.model.item_embeddings()
+        trained = getattr(self.model, "n_trained_items", None)
+        return catalogue[:trained] if trained_only and trained else catalogue
+
+    def _item_scores(self, h: torch.Tensor, catalogue: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, items) scores from N hidden states: atomic, the item tokens' logits; content, the ranking
+        head against `catalogue` (default: `_item_catalogue()`, every item)."""
         cfg = self.config
         if cfg.item_mode == "atomic":
             # through the head module rather than its weight, so a quantized head scores items too
             return self.lm_head(h)[:, cfg.item_token_offset : cfg.item_token_offset + cfg.n_items]
-        catalogue = self.model.item_embeddings()
-        trained = getattr(self.model, "n_trained_items", None)
-        if trained_only and trained:
-            catalogue = catalogue[:trained]
-        return self.item_head(h) @ catalogue.T
+        return self.item_head(h) @ (self._item_catalogue() if catalogue is None else catalogue).T
 
     # --- ranking --------------------------------------------------------------------------------
 

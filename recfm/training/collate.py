@@ -75,9 +75,8 @@ class Collator:
 
     def teacher(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """The identifier-only view of each next-item row's history (`teacher_rows`: which rows), or {}."""
-        picked = [(k, list(r["history"])[-self.distill:]) for k, r in enumerate(rows)
+        picked = [(k, r["history"][-self.distill:]) for k, r in enumerate(rows)
                   if r.get("task") == "next_item" and r.get("history")]
-        picked = [(k, h) for k, h in picked if h]
         if not picked:
             return {}
         b = self.batch([id_sequence_prompt(h, self.ctx) for _, h in picked])
