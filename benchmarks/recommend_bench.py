@@ -334,19 +334,20 @@ def _collect(args) -> dict:
     """Saved per-run results by key (`recfm/<variant>/seed<N>`, `sasrec/seed<N>`), checked against
     this invocation's settings; `_from` says which file each came from."""
     found: dict = {"_from": {}}
-    same = ("preset", "pretrain_steps", "tune_steps", "max_history", "split", "cold_fraction", "cold_seed")
+    same = ("preset", "pretrain_steps", "tune_steps", "max_history", "split", "cold_fraction", "cold_seed", "stage")
+    wanted = [f"recfm/{v}/seed{s}" for s in args.seeds for v in args.variants]
     for path in args.collect:
         data = json.loads(path.read_text())
-        settings = {"cold_seed": 0, **data.get("settings", {})}  # files from before --cold-seed drew seed 0
-        for key, entry in data.items():
-            if not (key.startswith("recfm/") or key.startswith("sasrec/")):
+        # files from before --cold-seed drew seed 0, from before --stage ranked the test items
+        settings = {"cold_seed": 0, "stage": "test", **data.get("settings", {})}
+        for key, entry in data.items():  # a file may also hold runs this table does not show (other settings)
+            if not (key in wanted or key.startswith("sasrec/")):
                 continue
             if key.startswith("recfm/"):
                 differ = [k for k in same if k in settings and settings[k] != getattr(args, k)]
                 if differ:
                     raise SystemExit(f"{path}: {key} was run with other settings ({', '.join(f'{k}={settings[k]}' for k in differ)})")
             found[key], found["_from"][key] = entry, path.name
-    wanted = [f"recfm/{v}/seed{s}" for s in args.seeds for v in args.variants]
     missing = [k for k in wanted if k not in found]
     if missing:
         raise SystemExit(f"not in {[p.name for p in args.collect]}: {missing}")
