@@ -281,6 +281,22 @@ def export_llama(
     console.print(f"wrote {out}")
 
 
+QUICKSTART_TOKENIZERS = dict(vocab_size=2048, vq_steps=800, vq_codebook=256, vq_channels=32, vq_batch_size=32)
+
+
+def quickstart_config(stage: str, domain_dir: Path, output: Path, source: Path, steps: int, preset: str = "small",
+                      seed: int = 0):
+    """The quickstart's TrainConfig of one stage: `source` is the tokenizers folder for pretraining, the
+    pretrained run for tuning (benchmarks/quickstart_bench.py trains with the same settings)."""
+    from recfm.training import TrainConfig
+
+    common = dict(domain=str(domain_dir), preset=preset, seed=seed, batch_size=8, logging_steps=10, save_steps=100,
+                  max_history=10, max_tokens=512, n_candidates=5, output=str(output), max_steps=steps)
+    if stage == "pretrain":
+        return TrainConfig(stage="pretrain", tokenizers=str(source), lr=2e-3, **common)
+    return TrainConfig(stage=stage, init_from=str(source), lr=1e-3, **common)
+
+
 @app.command()
 def quickstart(
     workdir: Path = typer.Option(Path("runs/quickstart"), help="where the domain, tokenizers and runs go"),
@@ -298,7 +314,7 @@ def quickstart(
     from recfm.eval.report import print_report
     from recfm.eval.runner import evaluate, save_report
     from recfm.tokenizers.build import tokenize_domain
-    from recfm.training import TrainConfig, train
+    from recfm.training import train
 
     t0 = time.perf_counter()
     domain_dir, tok_dir = workdir / "domain", workdir / "tokenizers"
@@ -312,14 +328,11 @@ def quickstart(
     if (tok_dir / "tokenizers.json").exists():
         console.print(f"using {tok_dir}")
     else:
-        tokenize_domain(domain_dir, tok_dir, vocab_size=2048, vq_steps=800, vq_codebook=256, vq_channels=32,
-                        vq_batch_size=32, seed=seed)
-    common = dict(domain=str(domain_dir), preset=preset, seed=seed, batch_size=8, logging_steps=10, save_steps=100,
-                  max_history=10, max_tokens=512, n_candidates=5)
+        tokenize_domain(domain_dir, tok_dir, **QUICKSTART_TOKENIZERS, seed=seed)
     console.rule("3/5  multimodal pretraining")
-    train(TrainConfig(stage="pretrain", tokenizers=str(tok_dir), output=str(pre_dir), max_steps=pretrain_steps, lr=2e-3, **common))
+    train(quickstart_config("pretrain", domain_dir, pre_dir, tok_dir, pretrain_steps, preset, seed))
     console.rule("4/5  multitask instruction tuning")
-    train(TrainConfig(stage="tune", init_from=str(pre_dir), output=str(run_dir), max_steps=tune_steps, lr=1e-3, **common))
+    train(quickstart_config("tune", domain_dir, run_dir, pre_dir, tune_steps, preset, seed))
     console.rule("5/5  evaluation")
     report = evaluate(run_dir, domain_dir, max_users=eval_users, seed=seed)
     save_report(report, run_dir / "eval")

@@ -49,3 +49,31 @@ def test_movielens_real_through_cli(tmp_path):
     s = json.loads(recfm("data", "stats", tmp_path / "ml", "--json").stdout)
     assert (s["users"], s["items"], s["interactions"]) == (943, 1682, 100_000) and s["items_with_image"] >= 1600
     assert s["splits"]["leave_one_out"]["test"] == 943
+
+
+def test_quickstart_end_to_end_leaves_a_loadable_run_and_the_next_commands(tmp_path, monkeypatch):
+    """The quickstart's own code path at toy sizes (in-process, so the tokenizer budget can shrink): a
+    prepared domain in the work folder is used as it is; every stage runs; the run folder loads with
+    from_pretrained; the report covers all five task families; the last lines say how to chat and serve."""
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    import recfm.cli as cli
+    import recfm.foundation  # noqa: F401  (registers the model with the Auto classes)
+    from recfm.data.synthetic import SyntheticConfig, prepare_default
+
+    prepare_default(tmp_path / "domain", SyntheticConfig(seed=3, n_items=60, n_users=40, max_length=12), progress=False)
+    monkeypatch.setitem(cli.QUICKSTART_TOKENIZERS, "vq_steps", 5)
+    res = CliRunner().invoke(cli.app, ["quickstart", "--workdir", str(tmp_path), "--seed", "3", "--pretrain-steps", "3",
+                                       "--tune-steps", "2", "--eval-users", "4"])
+    assert res.exit_code == 0, res.output
+    assert "using " + str(tmp_path / "domain") in res.output.replace("\n", "")
+    run = tmp_path / "run"
+    assert json.loads((run / "run.json").read_text())["steps"] == 2
+    assert json.loads((tmp_path / "pretrain" / "run.json").read_text())["steps"] == 3
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert {"next_item", "explanation", "yes_no", "review", "image_generation"} <= set(report["tasks"])
+    assert report["users"] == 4 and "popularity" in report["baselines"] and "oracle" in report["baselines"]
+    assert f"recfm chat {run}" in res.output.replace("\n", "") and f"recfm serve {run}" in res.output.replace("\n", "")
+    model = AutoModelForCausalLM.from_pretrained(run)
+    assert model.config.item_mode == "atomic" and model.config.n_items == 60

@@ -1,0 +1,115 @@
+"""How many tuning steps the quickstart should take: next-item quality of the quickstart's model on the
+built-in default domain after each tuning length, ranked on the validation split (each user's
+second-to-last item) so the choice never sees the test items.
+
+    python benchmarks/quickstart_bench.py [--tune-steps 150 300] [--seed 0] [--stage valid]
+
+Trains exactly as `recfm quickstart` does (`recfm.cli.quickstart_config`): one pretraining run, then one
+tuning run per length from it. Runs go under --work (default ~/.cache/recfm/bench-quickstart), never into
+the repository. Writes benchmarks/results/quickstart_tune_steps.md/.json/.png with the machine and settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine as machine_info  # noqa: E402
+from common import markdown_table  # noqa: E402
+from common import write as write_result  # noqa: E402
+
+VIEWS = (("seen", "prompt (seen template)"), ("held_out", "prompt (held-out template)"),
+         ("id_sequence", "identifier-sequence view"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tune-steps", type=int, nargs="+", default=[150, 300])
+    ap.add_argument("--pretrain-steps", type=int, default=250)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--stage", default="valid", choices=["valid", "test"])
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "recfm" / "bench-quickstart")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--name", default="quickstart_tune_steps")
+    args = ap.parse_args()
+
+    from recfm.cli import QUICKSTART_TOKENIZERS, quickstart_config
+    from recfm.data.synthetic import SyntheticConfig, prepare_default
+    from recfm.eval.runner import evaluate
+    from recfm.tokenizers.build import tokenize_domain
+    from recfm.training import train
+
+    work = args.work / f"seed{args.seed}"
+    domain_dir, tok_dir, pre_dir = work / "domain", work / "tokenizers", work / f"pretrain-{args.pretrain_steps}"
+    if not (domain_dir / "domain.json").exists():
+        prepare_default(domain_dir, SyntheticConfig(seed=args.seed))
+    if not (tok_dir / "tokenizers.json").exists():
+        tokenize_domain(domain_dir, tok_dir, **QUICKSTART_TOKENIZERS, seed=args.seed, progress=False)
+    if not (pre_dir / "run.json").exists():
+        train(quickstart_config("pretrain", domain_dir, pre_dir, tok_dir, args.pretrain_steps, args.preset, args.seed),
+              progress=False)
+    raw, rows, baselines = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}, [], {}
+    for steps in args.tune_steps:
+        run = work / f"{pre_dir.name}-tune-{steps}"
+        if not (run / "run.json").exists():
+            train(quickstart_config("tune", domain_dir, run, pre_dir, steps, args.preset, args.seed), progress=False)
+        tune_s = json.loads((run / "run.json").read_text())["train_runtime_s"]
+        report = evaluate(run, domain_dir, tasks=["next_item"], stage=args.stage, seed=args.seed, progress=True)
+        raw[f"tune{steps}"] = {"tune_s": tune_s, "users": report["users"], "next_item": report["tasks"]["next_item"]}
+        baselines = report["baselines"]
+        for view, label in VIEWS:
+            m = report["tasks"]["next_item"].get(view)
+            if m:
+                rows.append([f"recfm, {steps} tuning steps", label, m["hr@10"], m["ndcg@10"], m["mrr"], tune_s])
+    for name in ("popularity", "content_profile", "oracle", "text_only_oracle"):
+        if name in baselines:
+            m = baselines[name]
+            rows.append([name.replace("_", " "), "-", m["hr@10"], m["ndcg@10"], m["mrr"], 0.0])
+    raw["baselines"] = baselines
+    raw["machine"] = machine_info()
+    users = next(v["users"] for k, v in raw.items() if k.startswith("tune"))
+    asked = "validation (each user's second-to-last item)" if args.stage == "valid" else "test"
+    lines = [
+        "# Quickstart tuning length on the default domain", "",
+        f"Leave-one-out {asked}, full ranking over all items, history masked, {users} users. recfm as `recfm quickstart` "
+        f"trains it: `{args.preset}` preset, seed {args.seed}, {args.pretrain_steps} pretraining steps, then each tuning "
+        "length from that one pretrained model. tune (s): wall-clock seconds of tuning.", "",
+        markdown_table(["ranker", "view", "hr@10", "ndcg@10", "mrr", "tune (s)"], rows), "",
+        f"Machine: {json.dumps(raw['machine'])}", f"Settings: {json.dumps(raw['settings'])}"]
+    stem = write_result(args.name, "\n".join(lines), raw, args.out)
+    plot(rows, stem.with_suffix(".png"))
+    print("\n".join(lines))
+
+
+def plot(rows, out: Path) -> None:
+    """NDCG@10 of each view per tuning length, the baselines as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for _, label in VIEWS:
+        pts = [(int(r[0].split(", ")[1].split()[0]), r[3]) for r in rows if r[1] == label]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    for r in rows:
+        if r[1] == "-" and r[0] in ("popularity", "content profile"):
+            ax.axhline(r[3], linestyle="--", color="grey" if r[0] == "popularity" else "silver", label=r[0])
+    ax.set_xlabel("tuning steps")
+    ax.set_ylabel("NDCG@10")
+    ax.set_title("quickstart model on the default domain")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
