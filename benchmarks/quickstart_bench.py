@@ -83,11 +83,11 @@ def main():
         markdown_table(["ranker", "view", "hr@10", "ndcg@10", "mrr", "tune (s)"], rows), "",
         f"Machine: {json.dumps(raw['machine'])}", f"Settings: {json.dumps(raw['settings'])}"]
     stem = write_result(args.name, "\n".join(lines), raw, args.out)
-    plot(rows, stem.with_suffix(".png"))
+    plot(raw, args.tune_steps, stem.with_suffix(".png"))
     print("\n".join(lines))
 
 
-def plot(rows, out: Path) -> None:
+def plot(raw: dict, tune_steps: list[int], out: Path) -> None:
     """NDCG@10 of each view per tuning length, the baselines as lines."""
     import matplotlib
 
@@ -95,13 +95,14 @@ def plot(rows, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    for _, label in VIEWS:
-        pts = [(int(r[0].split(", ")[1].split()[0]), r[3]) for r in rows if r[1] == label]
+    for view, label in VIEWS:
+        pts = [(s, raw[f"tune{s}"]["next_item"][view]["ndcg@10"]) for s in tune_steps
+               if view in raw[f"tune{s}"]["next_item"]]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
-    for r in rows:
-        if r[1] == "-" and r[0] in ("popularity", "content profile"):
-            ax.axhline(r[3], linestyle="--", color="grey" if r[0] == "popularity" else "silver", label=r[0])
+    for name, colour in (("popularity", "grey"), ("content_profile", "silver")):
+        if name in raw["baselines"]:
+            ax.axhline(raw["baselines"][name]["ndcg@10"], linestyle="--", color=colour, label=name.replace("_", " "))
     ax.set_xlabel("tuning steps")
     ax.set_ylabel("NDCG@10")
     ax.set_title("quickstart model on the default domain")

@@ -425,11 +425,13 @@ class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden[:, keep])
         loss = None
         if labels is not None:
-            loss = self.loss(hidden, logits, labels, input_ids, content_item_ids)
+            # content ids: the trained items' vectors, encoded once a step for the item loss and the distillation
+            catalogue = self._item_catalogue(trained_only=True) if content_item_ids is not None else None
+            loss = self.loss(hidden, logits, labels, input_ids, content_item_ids, catalogue)
             if out.contrastive_loss is not None:
                 loss = loss + self.config.contrastive_loss_weight * out.contrastive_loss
             if teacher and self.config.answer_distill > 0:
-                loss = loss + self.config.answer_distill * self.answer_distillation(hidden, labels, teacher)
+                loss = loss + self.config.answer_distill * self.answer_distillation(hidden, labels, teacher, catalogue)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
                                       attentions=out.attentions)
 
@@ -457,9 +459,10 @@ class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
 
     # --- losses ---------------------------------------------------------------------------------
 
-    def loss(self, hidden, logits, labels, input_ids, content_item_ids=None) -> torch.Tensor:
+    def loss(self, hidden, logits, labels, input_ids, content_item_ids=None, catalogue=None) -> torch.Tensor:
         """Next-token cross-entropy on the answer (optionally focal), + context reconstruction of history
-        item identifiers, + (content mode) a full-catalogue item cross-entropy where an <item> is predicted."""
+        item identifiers, + (content mode) a full-catalogue item cross-entropy where an <item> is predicted
+        (`catalogue`: the trained items' vectors, default `_item_catalogue(trained_only=True)`)."""
         cfg = self.config
         shift_logits = logits[:, :-1].float()
         shift_labels = labels[:, 1:].to(shift_logits.device)
@@ -481,7 +484,8 @@ class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
                 context = is_item & (shift_labels == IGNORE)
                 # items with no training interaction are no one's negative either (cold items would otherwise
                 # only ever be pushed down); they come last
-                catalogue = self._item_catalogue(trained_only=True)
+                if catalogue is None:
+                    catalogue = self._item_catalogue(trained_only=True)
                 scores_all = self.item_head(hidden[:, :-1]).float()
                 for sel, weight in ((answer, 1.0), (context, cfg.context_loss_weight)):
                     if weight > 0 and bool(sel.any()):
@@ -489,12 +493,13 @@ class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
                         total = total + weight * F.cross_entropy(scores, content_item_ids.to(scores.device)[ordinal[sel]])
         return total
 
-    def answer_distillation(self, hidden, labels, teacher: dict) -> torch.Tensor:
+    def answer_distillation(self, hidden, labels, teacher: dict, catalogue=None) -> torch.Tensor:
         """KL(teacher || student) over the catalogue at the answer position of each row in
         `teacher["teacher_rows"]`: the teacher is the model's own next-item distribution after the same
         history in the identifier-only view (`teacher_input_ids`, open after its last item), computed without
         gradient. That view learns next-item prediction at every position of every sequence, a prompt's
-        answer position at one; the soft target carries the whole ranking, not only the one observed item."""
+        answer position at one; the soft target carries the whole ranking, not only the one observed item.
+        `catalogue`: as in `loss`."""
         cfg = self.config
         if cfg.item_mode == "semantic":
             raise ValueError("answer_distill needs one score per item (atomic or content ids), not semantic code paths")
@@ -508,7 +513,8 @@ class RecFMForCausalLM(RecFMPreTrainedModel, GenerationMixin):
         if not bool(has.any()):
             return hidden.sum() * 0.0
         pos = is_item.int().argmax(1)  # the answer's first item position
-        catalogue = self._item_catalogue(trained_only=True)  # content ids: encoded once, for student and teacher
+        if catalogue is None:  # content ids: encoded once, for student and teacher
+            catalogue = self._item_catalogue(trained_only=True)
         student = self._item_scores(hidden[rows, pos][has], catalogue)
         with torch.no_grad():
             mask = teacher["teacher_attention_mask"]
