@@ -94,7 +94,7 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
                 raise SystemExit(f"{folder} ran {done} steps, not the {wanted} this command states (pass --{flag}-steps {done})")
         runtime = sum(json.loads((d / "run.json").read_text())["train_runtime_s"] for d in [final, *stages])
         report = evaluate(final, domain_dir, tasks=["next_item"], seed=seed, progress=True, split=args.split,
-                          stage=args.stage)
+                          stage=args.stage, id_view_weight=args.id_view_weights)
         return result(report, runtime)
     t0 = time.perf_counter()
     if (stages[0] / "run.json").exists() and (staged in ID_STAGES or staged != variant):
@@ -120,7 +120,7 @@ def run_recfm(domain_dir: Path, tok_dir: Path, work: Path, variant: str, seed: i
     run = train(TrainConfig(stage="tune", init_from=str(pre), output=str(final), **tune), progress=False)
     train_s = time.perf_counter() - t0
     report = evaluate(run, domain_dir, tasks=["next_item"], seed=seed, progress=True, split=args.split,
-                          stage=args.stage)
+                      stage=args.stage, id_view_weight=args.id_view_weights)
     return result(report, train_s)
 
 
@@ -159,7 +159,31 @@ def result(report: dict, train_s: float) -> dict:
             "cold_items": report.get("cold_items"),
             "train_s": train_s, "baselines": report["baselines"], "per_user_ndcg": per_user,
             "vs_popularity": paired_test([per_user[u] for u in users], pop), "users": report["users"],
-            "id_view_vs_popularity": _id_view_test(report, pop_rank)}
+            "id_view_vs_popularity": _id_view_test(report, pop_rank), **_fused(report, per_user, pop_rank)}
+
+
+def _fused(report: dict, per_user: dict, pop_rank: dict) -> dict:
+    """The prompts fused with the identifier view, at each weight evaluated: metrics by template, each
+    user's NDCG@10 (seen template) and paired tests against the prompt alone and against popularity;
+    and the identifier view's own NDCG@10 per user (for paired tests against other rankers)."""
+    from recfm.eval.metrics import ndcg_per_user, paired_test
+
+    out = {}
+    ids = report["per_example"].get("next_item_id_sequence")
+    if ids:
+        out["per_user_ndcg_id_view"] = dict(zip([r["user_id"] for r in ids], ndcg_per_user([r["rank"] for r in ids]).tolist()))
+    fused = report["tasks"].get("next_item_fused")
+    if not fused:
+        return out
+    out["fused"], out["per_user_ndcg_fused"], out["fused_vs_prompt"], out["fused_vs_popularity"] = fused, {}, {}, {}
+    for w, examples in report["per_example"]["next_item_fused"].items():
+        seen = [r for r in examples if not r["held_out"]]
+        users = [r["user_id"] for r in seen]
+        ndcg = ndcg_per_user([r["rank"] for r in seen]).tolist()
+        out["per_user_ndcg_fused"][w] = dict(zip(users, ndcg))
+        out["fused_vs_prompt"][w] = paired_test(ndcg, [per_user[u] for u in users])
+        out["fused_vs_popularity"][w] = paired_test(ndcg, ndcg_per_user([pop_rank[u] for u in users]))
+    return out
 
 
 def _id_view_test(report: dict, pop_rank: dict) -> dict | None:
@@ -193,6 +217,9 @@ def main():
     ap.add_argument("--stage", default="test", choices=["test", "valid"],
                     help="valid: rank each user's validation item instead (the one before the test item), to choose "
                          "settings without looking at the test split")
+    ap.add_argument("--id-view-weights", type=float, nargs="*", default=None, metavar="W",
+                    help="also rank from the prompts fused with the identifier view at these weights (default: each "
+                         "run's own id_view_weight; with no value, none)")
     ap.add_argument("--reuse", action="store_true", help="evaluate runs already trained under --work instead of training")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "recfm" / "bench")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -226,6 +253,9 @@ def main():
             rows.append((f"recfm {variant} (held-out template)", seed, r["held_out"], r["train_s"]))
             if r["id_sequence"]:
                 rows.append((f"recfm {variant} (identifier-sequence view)", seed, r["id_sequence"], r["train_s"]))
+            for w, by in (r.get("fused") or {}).items():
+                for view, label in (("seen", "seen template"), ("held_out", "held-out template")):
+                    rows.append((f"recfm {variant} ({label} + identifier view ×{w})", seed, by[view], r["train_s"]))
             for view, label in (("seen", "seen template"), ("held_out", "held-out template"),
                                 ("id_sequence", "identifier-sequence view")):
                 if (r.get("among_new") or {}).get(view):
@@ -309,6 +339,33 @@ def main():
     if tests:
         lines += ["", "Per-user NDCG@10 of recfm (seen template) minus popularity's, paired sign-flip test (10,000 resamples):", ""]
         lines += [f"- {k}: mean difference {t['mean_diff']:+.4f} over {t['n']} users, p = {t['p_value']:.4f}" for k, t in tests]
+    fused = [(k, w, v["fused_vs_prompt"][w], v["fused_vs_popularity"][w]) for k, v in raw.items()
+             if isinstance(v, dict) and v.get("fused_vs_prompt") for w in v["fused_vs_prompt"]]
+    if fused:
+        lines += ["", "Per-user NDCG@10 of the seen-template prompt fused with the identifier view (`fused_scores`: the "
+                  "prompt's log-probabilities plus the weight times the view's), minus the prompt alone's and minus "
+                  "popularity's (paired sign-flip test):", ""]
+        lines += [f"- {k} ×{w}: vs the prompt alone {a['mean_diff']:+.4f} (p = {a['p_value']:.4f}); vs popularity "
+                  f"{b['mean_diff']:+.4f} (p = {b['p_value']:.4f}), {a['n']} users" for k, w, a, b in fused]
+    vs_sasrec = [(seed, raw[f"sasrec/seed{seed}"]) for seed in args.seeds if "per_user_ndcg" in raw.get(f"sasrec/seed{seed}", {})]
+    if vs_sasrec and args.variants:  # SASRec runs that kept each user's rank
+        from recfm.eval.metrics import paired_test
+
+        lines += ["", "Per-user NDCG@10 of recfm minus SASRec's at the same seed, on the same test users (paired "
+                  "sign-flip test):", ""]
+        for seed, sas in vs_sasrec:
+            for variant in args.variants:
+                r = raw[f"recfm/{variant}/seed{seed}"]
+                views = [("prompt, seen template", r["per_user_ndcg"]), ("identifier view", r.get("per_user_ndcg_id_view"))]
+                views += [(f"prompt + identifier view ×{w}", d) for w, d in (r.get("per_user_ndcg_fused") or {}).items()]
+                for label, ndcg in views:
+                    if not ndcg:
+                        continue
+                    users = sorted(set(ndcg) & set(sas["per_user_ndcg"]))
+                    t = paired_test([ndcg[u] for u in users], [sas["per_user_ndcg"][u] for u in users])
+                    r.setdefault("vs_sasrec", {})[label] = t
+                    lines.append(f"- {variant}, seed {seed}, {label}: mean difference {t['mean_diff']:+.4f} over "
+                                 f"{t['n']} users, p = {t['p_value']:.4f}")
     if len(args.variants) > 1:  # every variant against the first, same seed, same users
         from recfm.eval.metrics import paired_test
 

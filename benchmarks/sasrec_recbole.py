@@ -60,9 +60,21 @@ tds = test_data.dataset
 uid, iid = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
 users = tds.id2token(uid, tds.inter_feat[uid].numpy())
 items = tds.id2token(iid, tds.inter_feat[iid].numpy())
+# each test user's 0-based rank of its target, scored as trainer.evaluate scores them (the best model, the
+# history and the padding item at -inf), for per-user paired tests against recfm
+import torch
+trainer.model.eval()
+ranks = {}
+with torch.no_grad():
+    for batch in test_data:
+        interaction, scores, pos_u, pos_i = trainer._full_sort_batch_eval(batch)
+        target = scores[pos_u, pos_i]
+        rank = (scores[pos_u] > target[:, None]).sum(1)
+        for u, k in zip(tds.id2token(uid, interaction[uid][pos_u].cpu().numpy()), rank.tolist()):
+            ranks[str(u)] = int(k)
 json.dump({"metrics": {k: float(v) for k, v in result.items()},
            "test_pairs": sorted([str(u), str(i)] for u, i in zip(users, items)),
-           "n_items": int(dataset.item_num - 1)}, open(os.path.join(out, "recbole.json"), "w"))
+           "per_user_rank": ranks, "n_items": int(dataset.item_num - 1)}, open(os.path.join(out, "recbole.json"), "w"))
 '''
 
 
@@ -110,6 +122,14 @@ def run_sasrec(domain_dir: str | Path, seed: int = 0, epochs: int = 50, venv: Pa
         raise RuntimeError("RecBole's test items differ from recfm's split: the comparison would not be fair")
     m = out["metrics"]
     out["recfm_names"] = {f"hr@{k}": m[f"hit@{k}"] for k in (5, 10, 20)} | {f"ndcg@{k}": m[f"ndcg@{k}"] for k in (5, 10, 20)}
+    from recfm.eval.metrics import ndcg_per_user
+
+    ranks = out.pop("per_user_rank")
+    if sorted(ranks) != sorted(u for u, _ in ours):
+        raise RuntimeError("RecBole's per-user ranks are not of recfm's test users")
+    out["per_user_ndcg"] = dict(zip(ranks, ndcg_per_user(list(ranks.values())).tolist()))
+    # the per-user ranks must reproduce RecBole's own NDCG@10 (ties aside: a tie counts in the target's favour here)
+    out["per_user_ndcg@10_mean"] = sum(out["per_user_ndcg"].values()) / len(ranks)
     return out
 
 

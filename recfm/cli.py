@@ -242,6 +242,9 @@ def eval_(
     quantization: str = _QUANT,
     split: str = typer.Option("leave_one_out", help="leave_one_out, or cold_items for a run trained with that split "
                                                      "(next-item prediction of items it never saw)"),
+    id_view_weight: Optional[list[float]] = typer.Option(
+        None, help="also rank next items from the prompts fused with the identifier view at this weight (repeatable; "
+                   "default: the run's own id_view_weight)"),
 ):
     """Evaluate every task family against baselines; writes JSON and a PNG plot."""
     from recfm.eval.report import print_report
@@ -249,7 +252,7 @@ def eval_(
 
     try:
         report = evaluate(run, data, tasks=tasks.split(",") if tasks else None, stage=stage, max_users=max_users, seed=seed,
-                          quantization=quantization, split=split)
+                          quantization=quantization, split=split, id_view_weight=id_view_weight or None)
     except ValueError as e:
         _fail(str(e))
     out = save_report(report, output or run / "eval")

@@ -59,6 +59,9 @@ def run_dir(small_default, tiny_tokenizers, tmp_path_factory):
     tok = Tokenizers(tiny_tokenizers, "atomic")
     torch.manual_seed(0)
     model = build_model("tiny", tok)
+    # an identifier view as tuning records it (id_sequence 50), not fused by default: the ranking tests
+    # below compare the prompt's own scores unless they ask for the fusion
+    model.config.id_view_length, model.config.id_view_weight = 50, 0.0
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "run.json").write_text(json.dumps({"stage": "tune", "domain": str(small_default.path)}))
@@ -295,6 +298,35 @@ def test_recommendations_rank_the_catalogue(client, server, items):
     s = ref_model.score_items(torch.tensor([enc.input_ids]))[0]
     s[[svc.tok.items.index(i) for i in items[:4]]] = float("-inf")
     assert [d["item_id"] for d in seq] == [svc.tok.items.item_id(int(i)) for i in torch.topk(s, 5).indices]
+
+
+def test_recommendations_fuse_the_prompt_with_the_identifier_view(client, server, items):
+    """With id_view_weight, a template's ranking is the prompt's log-probabilities plus the weight times
+    the identifier view's over the same history, each normalised over the items that can be answered."""
+    svc = server.service
+    hist = items[:4]
+    n = len(svc.tok.items) - len(hist)
+
+    def ranking(k=n, **extra) -> list[tuple[str, float]]:
+        r = client.post("/v1/recommendations", json={"history": hist, "k": k, **extra})
+        assert r.status_code == 200, r.text
+        return [(d["item_id"], d["score"]) for d in r.json()["data"]]
+
+    def log_probs(ranked):
+        return dict(zip([i for i, _ in ranked], torch.tensor([s for _, s in ranked]).log_softmax(0).tolist()))
+
+    prompt, view = log_probs(ranking(id_view_weight=0)), log_probs(ranking(template="id_sequence"))
+    assert len(prompt) == len(view) == n and not set(prompt) & set(hist)
+    fused = ranking(k=n, id_view_weight=0.5)
+    expected = {i: prompt[i] + 0.5 * view[i] for i in prompt}
+    assert {i for i, _ in fused} == set(expected)
+    assert [s for _, s in fused] == pytest.approx([expected[i] for i, _ in fused], abs=1e-4)
+    assert [s for _, s in fused] == sorted((s for _, s in fused), reverse=True)
+    assert ranking(k=5) == ranking(k=5, id_view_weight=0)  # this run's own weight is 0
+    # the identifier view is never fused with itself
+    assert ranking(k=5, template="id_sequence", id_view_weight=2) == ranking(k=5, template="id_sequence")
+    r = client.post("/v1/recommendations", json={"history": hist, "id_view_weight": -1})
+    assert r.status_code == 400 and "id_view_weight" in r.text
 
 
 def test_semantic_id_recommendations_rank_the_whole_catalogue(small_default, tiny_tokenizers, tmp_path, items):

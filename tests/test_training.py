@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from recfm.training import TrainConfig, train
-from recfm.training.config import AUTO_ANSWER_DISTILL
+from recfm.training.config import AUTO_ANSWER_DISTILL, AUTO_ID_VIEW_WEIGHT
 
 TINY = dict(preset="tiny", batch_size=4, logging_steps=2, max_history=6, max_tokens=256, lr=3e-3, bf16=False,
             per_user=1, save_steps=4)
@@ -175,8 +175,11 @@ def test_eval_reports_every_task_with_baselines(tuned_run, small_default, tmp_pa
 
     report = evaluate(tuned_run, small_default.path, max_users=12, progress=False)
     assert set(report["tasks"]) == {"next_item", "pick_candidate", "explanation", "yes_no", "which_image", "rating",
-                                    "review", "image_generation"}
+                                    "review", "image_generation", "next_item_fused"}
     for task, by in report["tasks"].items():
+        if task == "next_item_fused":  # the prompts fused with the identifier view at the run's own weight
+            assert list(by) == [f"{AUTO_ID_VIEW_WEIGHT:g}"] and set(by[f"{AUTO_ID_VIEW_WEIGHT:g}"]) == {"seen", "held_out"}
+            continue
         assert set(by) == ({"seen", "held_out", "id_sequence"} if task == "next_item" else {"seen", "held_out"}), task
     nxt = report["tasks"]["next_item"]["seen"]
     assert 0.0 <= nxt["hr@5"] <= nxt["hr@10"] <= nxt["hr@20"] <= 1.0
@@ -186,6 +189,59 @@ def test_eval_reports_every_task_with_baselines(tuned_run, small_default, tmp_pa
     assert b["oracle"]["ndcg@10"] >= b["text_only_oracle"]["ndcg@10"] - 0.05
     out = save_report(report, tmp_path / "ev")
     assert (out / "eval.png").stat().st_size > 1000 and json.loads((out / "eval.json").read_text())["users"] == 12
+
+
+def test_eval_fuses_the_prompts_with_the_identifier_view(tuned_run, small_default):
+    """The fused next-item ranking is each prompt's log-probabilities plus the weight times the identifier
+    view's over the same user's history (computed here by hand from the two views' scores); without a weight
+    asked for, the run's own (tuning saves it with the view's length)."""
+    from recfm.data import leave_one_out
+    from recfm.eval.runner import LoadedRun, evaluate, ranking_scores
+    from recfm.instructions import build_eval_examples
+
+    saved = json.loads((tuned_run / "config.json").read_text())
+    assert saved["id_view_length"] == 4 and saved["id_view_weight"] == AUTO_ID_VIEW_WEIGHT > 0
+    report = evaluate(tuned_run, small_default.path, tasks=["next_item"], max_users=6, progress=False,
+                      id_view_weight=[0.0, 0.5, 3.0])
+    assert set(report["tasks"]["next_item_fused"]) == {"0.5", "3"}
+    assert set(report["tasks"]["next_item_fused"]["0.5"]) == {"seen", "held_out"}
+
+    split = leave_one_out(small_default)
+    rows = list(build_eval_examples(small_default, split, tasks=["next_item"], max_users=6))
+    first = {}
+    for r in rows:
+        first.setdefault(r["held_out"], r["template_id"])
+    rows = [r for r in rows if first[r["held_out"]] == r["template_id"]]
+    masked = {e["user_id"]: list(e["history"]) for e in split.test.select(range(6))}
+    run = LoadedRun(tuned_run, small_default)
+    prompt = {(r["user_id"], r["held_out"]): (s, t) for chunk, scores, targets in ranking_scores(run, rows, masked, progress=False)
+              for r, s, t in zip(chunk, scores, targets)}
+    view = {r["user_id"]: s.log_softmax(-1) for chunk, scores, _ in ranking_scores(run, rows, masked, progress=False,
+                                                                                     id_sequence=4)
+            for r, s in zip(chunk, scores)}
+    for w in (0.5, 3.0):
+        got = {(e["user_id"], e["held_out"]): e["rank"] for e in report["per_example"]["next_item_fused"][f"{w:g}"]}
+        assert set(got) == set(prompt) and len(got) == 12
+        for key, (s, t) in prompt.items():
+            fused = s.log_softmax(-1) + w * view[key[0]]
+            assert got[key] == int((fused > fused[t]).sum()), (w, key)
+    alone = {(e["user_id"], e["held_out"]): e["rank"] for e in report["per_example"]["next_item"]}
+    assert alone == {k: int((s > s[t]).sum()) for k, (s, t) in prompt.items()}
+    view_ranks = {e["user_id"]: e["rank"] for e in report["per_example"]["next_item_id_sequence"]}
+    assert view_ranks == {u: int((view[u] > view[u][t]).sum()) for (u, _), (_, t) in prompt.items()}
+    default = evaluate(tuned_run, small_default.path, tasks=["next_item"], max_users=3, progress=False)
+    assert set(default["tasks"]["next_item_fused"]) == {f"{AUTO_ID_VIEW_WEIGHT:g}"}
+    assert "next_item_fused" not in evaluate(tuned_run, small_default.path, tasks=["next_item"], max_users=3,
+                                             progress=False, id_view_weight=0)["tasks"]
+    with pytest.raises(ValueError, match="id_view_weight"):
+        evaluate(tuned_run, small_default.path, tasks=["next_item"], max_users=3, progress=False, id_view_weight=-1)
+    unset = TrainConfig.load(None, stage="tune", domain="x", tokenizers="y")
+    assert unset.view_weight("content", 50) == AUTO_ID_VIEW_WEIGHT
+    assert unset.view_weight("semantic", 50) == 0 and unset.view_weight("atomic", 0) == 0
+    with pytest.raises(ValueError, match="id_view_weight"):
+        TrainConfig.load(None, stage="tune", domain="x", tokenizers="y", id_view_weight=2.0).view_weight("atomic", 0)
+    with pytest.raises(ValueError, match="id_view_weight"):
+        TrainConfig.load(None, stage="tune", domain="x", tokenizers="y", id_view_weight=-1.0)
 
 
 def test_tuning_replays_the_identifier_sequences_with_the_context_loss(tuned_run, small_default):

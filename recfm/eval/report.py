@@ -13,6 +13,8 @@ def ranking_rows(report: dict, among_new: bool = False) -> list[tuple[str, dict]
     task, baselines = ("next_item_among_new", "baselines_among_new") if among_new else ("next_item", "baselines")
     rows = [("recfm (identifier-sequence view)" if k == "id_sequence" else f"recfm ({k.replace('_', '-')} templates)", v)
             for k, v in report["tasks"].get(task, {}).items()]
+    rows += [(f"recfm ({k.replace('_', '-')} templates, fused with the identifier view at {w})", v)
+             for w, by in report["tasks"].get(f"{task}_fused", {}).items() for k, v in by.items()]
     rows += [(k.replace("_", " "), v) for k, v in report.get(baselines, {}).items() if isinstance(v, dict) and "hr@10" in v]
     return rows
 
@@ -43,7 +45,7 @@ def print_report(report: dict, console) -> None:
                    "explanation": "explanation_retrieval", "review": "review_retrieval",
                    "image_generation": "image_generation_unpersonalized"}
     for task, by in report["tasks"].items():
-        if task in ("next_item", "next_item_among_new"):
+        if task.startswith("next_item"):
             continue
         base = report["baselines"].get(baseline_of.get(task, ""), {})
         metrics = list(next(iter(by.values())).keys())

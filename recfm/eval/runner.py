@@ -106,19 +106,44 @@ def ranking_scores(run: LoadedRun, rows: list[dict], masked: dict[str, list[str]
         yield chunk, score_catalogue(run, enc, exclude), np.asarray([items.index(r["target"]) for r in chunk])
 
 
+def id_view_logprobs(run: LoadedRun, rows: list[dict], masked: dict[str, list[str]], length: int,
+                     batch_size: int = 16, progress: bool = True) -> dict[str, torch.Tensor]:
+    """user_id -> (n_items,) log-probabilities of the next item in the identifier-only view (the newest
+    `length` history items), the user's history at -inf: one pass per user of `rows`."""
+    first = list({r["user_id"]: r for r in rows}.values())
+    out = {}
+    for chunk, scores, _ in ranking_scores(run, first, masked, batch_size, progress, id_sequence=length):
+        for r, s in zip(chunk, torch.log_softmax(scores.float(), -1)):
+            out[r["user_id"]] = s
+    return out
+
+
+def fused_scores(scores: torch.Tensor, id_view: torch.Tensor, weight: float) -> torch.Tensor:
+    """A prompt's next-item scores fused with the identifier view's over the same history: the prompt's
+    log-probabilities plus `weight` times the view's (a weighted product of the two distributions)."""
+    return torch.log_softmax(scores.float(), -1) + weight * id_view
+
+
 def eval_ranking(run: LoadedRun, rows: list[dict], masked: dict[str, list[str]], batch_size: int = 16,
-                 progress: bool = True, id_sequence: int = 0, among: list[int] | None = None):
+                 progress: bool = True, id_sequence: int = 0, among: list[int] | None = None,
+                 id_view: dict[str, torch.Tensor] | None = None, weights=None):
     """0-based rank of each row's target in the full catalogue ranking (`ranking_scores`). With `among`
     (catalogue indices, each target one of them), the pair (those ranks, the ranks among these items
-    alone) from the same pass."""
-    ranks, within = [], []
+    alone) from the same pass. With `id_view` (`id_view_logprobs`) and `weights`: {weight: that result
+    for the prompt fused with the identifier view at that weight (`fused_scores`; 0: the prompt alone)},
+    every weight from one pass over the prompts."""
     subset = np.asarray(among if among is not None else [], dtype=np.int64)
-    for _, scores, targets in ranking_scores(run, rows, masked, batch_size, progress, id_sequence):
-        s = scores.numpy()
-        ranks += M.target_ranks(s, targets).tolist()
-        if among is not None:
-            within += M.ranks_within(s, targets, subset).tolist()
-    return (ranks, within) if among is not None else ranks
+    ws = list(weights) if id_view is not None and weights is not None else [0.0]
+    ranks, within = {w: [] for w in ws}, {w: [] for w in ws}
+    for chunk, scores, targets in ranking_scores(run, rows, masked, batch_size, progress, id_sequence):
+        view = torch.stack([id_view[r["user_id"]] for r in chunk]) if id_view is not None and weights is not None else None
+        for w in ws:
+            s = (fused_scores(scores, view, w) if view is not None and w else scores).numpy()
+            ranks[w] += M.target_ranks(s, targets).tolist()
+            if among is not None:
+                within[w] += M.ranks_within(s, targets, subset).tolist()
+    out = {w: ((ranks[w], within[w]) if among is not None else ranks[w]) for w in ws}
+    return out if id_view is not None and weights is not None else out[0.0]
 
 
 def eval_options(run: LoadedRun, rows: list[dict], options: list[str], batch_size: int = 16) -> np.ndarray:
@@ -282,6 +307,16 @@ def _id_sequence_length(run_dir: Path) -> int:
     return 0
 
 
+def _fusion_weights(asked, config) -> list[float]:
+    """The identifier-view weights to report fused rankings at: those asked for, else the run's own."""
+    if asked is None:
+        asked = getattr(config, "id_view_weight", 0.0) or []
+    weights = [float(w) for w in (asked if isinstance(asked, (list, tuple)) else [asked])]
+    if any(w < 0 for w in weights):
+        raise ValueError(f"id_view_weight must be 0 or more, got {weights}")
+    return sorted({w for w in weights if w > 0})
+
+
 def _cold_settings(run_dir: Path) -> dict:
     """The cold draw a run was trained without, from its run.json; an error if it trained on them."""
     info = run_dir / "run.json"
@@ -294,10 +329,14 @@ def _cold_settings(run_dir: Path) -> dict:
 
 def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str = "test", max_users: int | None = None,
              templates: str = "first", batch_size: int = 16, seed: int = 0, progress: bool = True,
-             quantization: str = "none", split: str = "leave_one_out") -> dict:
+             quantization: str = "none", split: str = "leave_one_out", id_view_weight=None) -> dict:
     """Metrics of every task (seen vs held-out templates) and the baselines, as a dict. With split
     "cold_items" (a run trained with that split): next-item prediction of each user's first cold item
-    from the warm items before it, full ranking over every item, against a random ranking."""
+    from the warm items before it, full ranking over every item, against a random ranking.
+
+    A run with an identifier view (`id_sequence` > 0) also reports that view, and the prompts' ranking
+    fused with it (`fused_scores`) at `id_view_weight` (a number or a list; None: the run's own
+    `id_view_weight`, where it is above 0) under `next_item_fused`."""
     from ..data import load_domain, make_split
     from ..instructions.examples import TASKS, build_eval_examples
 
@@ -341,7 +380,16 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
         cold = split_name == "cold_items"
         # new items: also each target's rank among the new items alone (the item cold-start protocol)
         among = [run.tok.items.index(i) for i in split.cold_items] if cold else None
-        ranks = eval_ranking(run, rs, masked, batch_size, progress, among=among)
+        length = _id_sequence_length(Path(run_dir))
+        weights = _fusion_weights(id_view_weight, run.model.config) if length else []
+        # the identifier view of each user's history, once: reported on its own and fused with the prompts
+        id_view = id_view_logprobs(run, rs, masked, length, batch_size, progress) if length else None
+        if weights:
+            by_weight = eval_ranking(run, rs, masked, batch_size, progress, among=among, id_view=id_view,
+                                     weights=[0.0, *weights])
+            ranks = by_weight.pop(0.0)
+        else:
+            ranks, by_weight = eval_ranking(run, rs, masked, batch_size, progress, among=among), {}
         if cold:
             ranks, ranks_new = ranks
             T["next_item_among_new"] = _by_template(rs, ranks_new, M.ranking_metrics)
@@ -350,13 +398,22 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
         T["next_item"] = _by_template(rs, ranks, M.ranking_metrics)
         report["per_example"]["next_item"] = [{"user_id": r["user_id"], "held_out": r["held_out"], "target": r["target"],
                                                "rank": k} for r, k in zip(rs, ranks)]
-        length = _id_sequence_length(Path(run_dir))
-        if length:  # the view pretraining taught, one row per user
-            first = [r for r in rs if r["template_id"] == rs[0]["template_id"]]
-            seq_ranks = eval_ranking(run, first, masked, batch_size, progress, id_sequence=length, among=among)
+        for w, fused in by_weight.items():  # the prompt's ranking fused with the identifier view (`fused_scores`)
+            key = f"{w:g}"
             if cold:
-                seq_ranks, seq_new = seq_ranks
-                T["next_item_among_new"]["id_sequence"] = M.ranking_metrics(seq_new)
+                fused, fused_new = fused
+                T.setdefault("next_item_among_new_fused", {})[key] = _by_template(rs, fused_new, M.ranking_metrics)
+            T.setdefault("next_item_fused", {})[key] = _by_template(rs, fused, M.ranking_metrics)
+            report["per_example"].setdefault("next_item_fused", {})[key] = [
+                {"user_id": r["user_id"], "held_out": r["held_out"], "rank": k} for r, k in zip(rs, fused)]
+        if id_view is not None:  # the view pretraining taught, one row per user
+            first = [r for r in rs if r["template_id"] == rs[0]["template_id"]]
+            view = torch.stack([id_view[r["user_id"]] for r in first]).numpy()
+            targets = np.asarray([run.tok.items.index(r["target"]) for r in first])
+            seq_ranks = M.target_ranks(view, targets).tolist()
+            if cold:
+                T["next_item_among_new"]["id_sequence"] = M.ranking_metrics(
+                    M.ranks_within(view, targets, np.asarray(among, dtype=np.int64)))
             T["next_item"]["id_sequence"] = M.ranking_metrics(seq_ranks)
             report["per_example"]["next_item_id_sequence"] = [{"user_id": r["user_id"], "rank": k}
                                                               for r, k in zip(first, seq_ranks)]

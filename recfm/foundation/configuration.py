@@ -77,6 +77,10 @@ class RecFMConfig(PreTrainedConfig):
     contrastive_loss_weight: float = 0.0
     contrastive_temperature: float = 0.07
     answer_distill: float = 0.0  # KL from the identifier view's next-item distribution to a prompt's answer position
+    # next-item rankings from a prompt (recfm eval, /v1/recommendations) add this weight times the identifier
+    # view's log-probabilities over the same history (its newest id_view_length items); 0: the prompt alone
+    id_view_weight: float = 0.0
+    id_view_length: int = 0  # the identifier view's history length in training (id_sequence); 0: no such view
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -95,6 +99,9 @@ class RecFMConfig(PreTrainedConfig):
             raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
         if not 1 <= self.image_tokens <= 8:
             raise ValueError(f"image_tokens must be between 1 and 8, got {self.image_tokens}")
+        if self.id_view_weight < 0 or self.id_view_length < 0:
+            raise ValueError(f"id_view_weight and id_view_length must be 0 or more, got {self.id_view_weight}, "
+                             f"{self.id_view_length}")
         if self.cross_attention_every < 1:
             raise ValueError("cross_attention_every must be at least 1")
 

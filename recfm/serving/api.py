@@ -448,12 +448,18 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
             if service.model.config.item_mode == "semantic":  # a pass over the code trie, between engine steps
                 ranked = await engine.call(lambda _: service.recommend(history, body.k, body.exclude_seen,
                                                                        body.allowed_items, body.template))
-            else:  # one forward pass through the engine: batched with other requests, prefix cache included
-                prompt, scorer = service.recommend_request(history, body.k, body.exclude_seen, body.allowed_items,
-                                                           body.template)
-                ranked = None
-                async for out in outputs(f"rec-{uuid.uuid4().hex}", prompt, SamplingParams(max_tokens=1), scorer):
-                    ranked = out.result
+            else:  # a forward pass through the engine per view (the prompt; the identifier view where it is fused):
+                # batched with other requests, prefix cache included
+                requests, finish = service.recommend_request(history, body.k, body.exclude_seen, body.allowed_items,
+                                                             body.template, body.id_view_weight)
+
+                async def scores(prompt, scorer):
+                    result = None
+                    async for out in outputs(f"rec-{uuid.uuid4().hex}", prompt, SamplingParams(max_tokens=1), scorer):
+                        result = out.result
+                    return result
+
+                ranked = finish(await asyncio.gather(*(scores(p, s) for p, s in requests)))
         except BadInput as e:
             raise bad(str(e), e.param) from None
         except EngineDead as e:

@@ -68,6 +68,8 @@ class RecommendationRequest(_Body):
     exclude_seen: bool = True
     allowed_items: list[str] | None = None
     template: str = "next-1"
+    # the identifier view's weight in the template's ranking (None: the model's own id_view_weight; 0: the prompt alone)
+    id_view_weight: float | None = Field(default=None, ge=0)
 
 
 class ImageRequest(_Body):

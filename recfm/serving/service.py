@@ -187,26 +187,56 @@ class Service:
         return hist
 
     def recommend_request(self, history: list, k: int = 10, exclude_seen: bool = True,
-                          allowed_items: list[str] | None = None, template: str = "next-1"):
-        """(prompt, scorer) for a top-k request that runs through the engine: when the prompt is
-        computed, the scorer ranks the whole catalogue from the answer position in the same pass
-        (atomic ids: the item tokens' logits; content ids: the ranking head against every item's
-        content vector) and returns [(item_id, score)], best first. Semantic ids need a second pass
-        over the code trie, outside the engine (see `recommend`)."""
+                          allowed_items: list[str] | None = None, template: str = "next-1",
+                          id_view_weight: float | None = None):
+        """(requests, finish) for a top-k request that runs through the engine: `requests` is a list of
+        (prompt, scorer); when a prompt is computed, its scorer turns the answer position into scores
+        of the whole catalogue in the same pass (atomic ids: the item tokens' logits; content ids: the
+        ranking head against every item's content vector), and finish(those scores, in order) returns
+        [(item_id, score)], best first. A template's prompt is fused with the identifier view of the
+        same history at `id_view_weight` (None: the model's own; 0: the prompt alone): two requests,
+        the prompt's log-probabilities plus the weight times the view's. Semantic ids need a second
+        pass over the code trie, outside the engine (see `recommend`)."""
         cfg, items = self.model.config, self.tok.items
         if cfg.item_mode == "semantic":
             raise ValueError("semantic ids are scored outside the engine: use recommend()")
+        weight = self.id_view_weight(id_view_weight, template)
         prompt, excluded, allowed = self._ranking_request(history, exclude_seen, allowed_items, template)
 
         @torch.no_grad()
-        def scorer(hidden: torch.Tensor, logits: torch.Tensor) -> list[tuple[str, float]]:
+        def scorer(hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
             if cfg.item_mode == "atomic":
-                scores = logits[cfg.item_token_offset : cfg.item_token_offset + cfg.n_items]
-            else:
-                scores = self.model.item_head(hidden) @ self.catalogue_vectors().T
-            return _top_items(items, scores, k, excluded, allowed)
+                return logits[cfg.item_token_offset : cfg.item_token_offset + cfg.n_items].float()
+            return (self.model.item_head(hidden) @ self.catalogue_vectors().T).float()
 
-        return prompt, scorer
+        requests = [(prompt, scorer)]
+        if weight:
+            view, _, _ = self._ranking_request(history, exclude_seen, allowed_items, ID_SEQUENCE)
+            requests.append((view, scorer))
+
+        def finish(scores: list[torch.Tensor]) -> list[tuple[str, float]]:
+            if weight:  # log-softmax over the items that can be answered, then the weighted sum
+                masked = [_masked(s, excluded, allowed).log_softmax(-1) for s in scores]
+                return _top_items(items, masked[0] + weight * masked[1], k, excluded, allowed)
+            return _top_items(items, scores[0], k, excluded, allowed)
+
+        return requests, finish
+
+    def id_view_weight(self, asked: float | None, template: str) -> float:
+        """The identifier view's weight in a ranking asked with `template`: 0 for the view itself and
+        for models without it; else `asked`, or the model's own `id_view_weight`."""
+        cfg = self.model.config
+        if template == ID_SEQUENCE or cfg.item_mode == "semantic":
+            return 0.0
+        weight = cfg.id_view_weight if asked is None else asked
+        if weight < 0:
+            raise BadInput(f"id_view_weight must be 0 or more, got {weight}", "id_view_weight")
+        if weight and not cfg.id_view_length:
+            if asked is not None:
+                raise BadInput("this model was not trained with an identifier view (id_sequence 0), so id_view_weight "
+                               "must be 0", "id_view_weight")
+            return 0.0
+        return float(weight)
 
     def catalogue_vectors(self) -> torch.Tensor:
         """Content mode: every item's vector, computed once (the weights do not change while serving)."""
@@ -217,20 +247,23 @@ class Service:
 
     @torch.no_grad()
     def recommend(self, history: list, k: int = 10, exclude_seen: bool = True, allowed_items: list[str] | None = None,
-                  template: str = "next-1") -> list[tuple[str, float]]:
+                  template: str = "next-1", id_view_weight: float | None = None) -> list[tuple[str, float]]:
         """Top-k items for a history, on the calling thread: through the engine (one request) for
         atomic and content ids; for semantic ids, every item's exact code-sequence log-probability
         (`score_semantic_items`: the prompt, then the code trie's inner nodes in one more pass)."""
         from ..foundation.generation import score_semantic_items
 
         if self.model.config.item_mode != "semantic":
-            prompt, scorer = self.recommend_request(history, k, exclude_seen, allowed_items, template)
-            rid = f"rec-{id(prompt)}"
-            self.engine.add_request(rid, prompt, SamplingParams(max_tokens=1), scorer=scorer)
-            while True:
+            requests, finish = self.recommend_request(history, k, exclude_seen, allowed_items, template, id_view_weight)
+            rids = [f"rec-{id(prompt)}-{n}" for n, (prompt, _) in enumerate(requests)]
+            for rid, (prompt, scorer) in zip(rids, requests):
+                self.engine.add_request(rid, prompt, SamplingParams(max_tokens=1), scorer=scorer)
+            results = {}
+            while len(results) < len(rids):
                 for out in self.engine.step():
-                    if out.request_id == rid and out.finished:
-                        return out.result
+                    if out.request_id in rids and out.finished:
+                        results[out.request_id] = out.result
+            return finish([results[rid] for rid in rids])
         prompt, excluded, allowed = self._ranking_request(history, exclude_seen, allowed_items, template)
         pix = None
         if prompt.images:
@@ -240,11 +273,13 @@ class Service:
         return _top_items(self.tok.items, scores, k, excluded, allowed)
 
     def _ranking_request(self, history: list, exclude_seen: bool, allowed_items: list[str] | None, template: str):
-        """A ranking request's prompt (the template's, or the identifiers alone), the item indices to
-        leave out (the history) and those allowed (None: all), each item checked."""
+        """A ranking request's prompt (the template's, or the identifiers alone: the newest
+        `id_view_length` of them, the length the view trained on, where the model records it), the item
+        indices to leave out (the history) and those allowed (None: all), each item checked."""
         items = self.tok.items
         if template == ID_SEQUENCE:  # identifiers only, as pretraining's id_sequence rows: no template text
-            ids = [i for i, _ in self.checked_history(history)]
+            limit = self.model.config.id_view_length
+            ids = [i for i, _ in self.checked_history(history)][-limit if limit > 0 else 0 :]
             prompt = self.encoded_prompt(id_sequence_prompt(ids, self.ctx))
         else:
             prompt, _ = self.prompt(self.history_messages(history, template))
@@ -257,8 +292,8 @@ class Service:
         return prompt, excluded, allowed
 
 
-def _top_items(items, scores: torch.Tensor, k: int, excluded: list[int], allowed: torch.Tensor | None) -> list[tuple[str, float]]:
-    """[(item_id, score)] of the k best items, best first, over `allowed` (all if None) less `excluded`."""
+def _masked(scores: torch.Tensor, excluded: list[int], allowed: torch.Tensor | None) -> torch.Tensor:
+    """The scores with `excluded` items and (where `allowed` is given) every item outside it at -inf."""
     scores = scores.float().clone()
     if excluded:
         scores[excluded] = float("-inf")
@@ -266,6 +301,12 @@ def _top_items(items, scores: torch.Tensor, k: int, excluded: list[int], allowed
         keep = torch.full_like(scores, float("-inf"))
         keep[allowed] = scores[allowed]
         scores = keep
+    return scores
+
+
+def _top_items(items, scores: torch.Tensor, k: int, excluded: list[int], allowed: torch.Tensor | None) -> list[tuple[str, float]]:
+    """[(item_id, score)] of the k best items, best first, over `allowed` (all if None) less `excluded`."""
+    scores = _masked(scores, excluded, allowed)
     top = torch.topk(scores, min(k, int(torch.isfinite(scores).sum())))
     return [(items.item_id(int(i)), float(v)) for v, i in zip(top.values, top.indices)]
 

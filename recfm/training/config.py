@@ -17,6 +17,8 @@ DEFAULT_TASK_WEIGHTS = {
 # answer_distill's weight where it applies and the config leaves it unset: on MovieLens's validation split (seed 0)
 # prompts ranked at NDCG@10 0.047 with weight 1, 0.047 with weight 5 and 0.036 without
 AUTO_ANSWER_DISTILL = 1.0
+# id_view_weight where the model has an identifier view and the config leaves it unset
+AUTO_ID_VIEW_WEIGHT = 1.0
 
 
 @dataclass
@@ -73,6 +75,10 @@ class TrainConfig:
     # newest id_sequence items; the teacher pass runs without gradient): that view learns next-item prediction at
     # every position of every sequence, the prompt's answer position at one. null: AUTO_ANSWER_DISTILL where it
     # applies (tune or finetune, id_sequence > 0, atomic or content ids), else 0; 0 turns it off
+    id_view_weight: float | None = None  # saved in the run: its next-item rankings from a prompt (recfm eval,
+    # /v1/recommendations) add this weight times the identifier view's log-probabilities over the same history.
+    # null: AUTO_ID_VIEW_WEIGHT where the model has that view (id_sequence > 0 here or in the run it continues,
+    # atomic or content ids), else 0; 0: the prompt alone
     # Content ids of a new model read an item as its shared words, with no per-item vector and no image in the
     # item vector: on MovieLens, tokens, residuals and item images each kept new items out of the top 10; this
     # setting reached full-ranking HR@10 0.148 on one draw of new items (0.000 on a second, 0.000 for tokens +
@@ -147,6 +153,8 @@ class TrainConfig:
             raise ValueError("answer_distill teaches next-item prompts the identifier view's distribution: it needs "
                              f"stage tune or finetune and id_sequence > 0 (got stage {self.stage!r}, id_sequence "
                              f"{self.id_sequence})")
+        if self.id_view_weight is not None and self.id_view_weight < 0:
+            raise ValueError(f"id_view_weight is a weight, >= 0; got {self.id_view_weight}")
         if self.qlora and self.stage != "finetune":
             raise ValueError(f"qlora is a fine-tuning setting (LoRA over a 4-bit base): stage finetune, not {self.stage!r}")
         if not 0 <= self.item_residual_dropout < 1:
@@ -167,6 +175,15 @@ class TrainConfig:
             return self.answer_distill
         applies = self.stage != "pretrain" and self.id_sequence > 0 and item_mode in ("atomic", "content")
         return AUTO_ANSWER_DISTILL if applies else 0.0
+
+    def view_weight(self, item_mode: str, id_view_length: int) -> float:
+        """The id_view_weight this run saves, for a model with these item ids and identifier view length."""
+        if self.id_view_weight is not None:
+            if self.id_view_weight > 0 and id_view_length <= 0:
+                raise ValueError("id_view_weight fuses the identifier view into next-item rankings: it needs a model "
+                                 "with that view (id_sequence > 0)")
+            return self.id_view_weight
+        return AUTO_ID_VIEW_WEIGHT if id_view_length > 0 and item_mode in ("atomic", "content") else 0.0
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(asdict(self), sort_keys=False)

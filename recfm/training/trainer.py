@@ -236,6 +236,9 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
         content_catalogue(model, tokenizers, domain, images)
         model.model.n_trained_items = tokenizers.index.n_train_items  # the training loss's catalogue (seen items first)
     mc.answer_distill = cfg.distill_weight(mc.item_mode)
+    if cfg.id_sequence > 0:  # the identifier view this run trains (else the one it inherits, if any)
+        mc.id_view_length = cfg.id_sequence
+    mc.id_view_weight = cfg.view_weight(mc.item_mode, mc.id_view_length)
     if mc.answer_distill > 0 and mc.item_mode == "semantic":
         raise ValueError(f"answer_distill needs one score per item (atomic or content ids); {cfg.init_from or 'this model'} "
                          "has semantic ids (set answer_distill: 0)")
