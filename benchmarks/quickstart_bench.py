@@ -34,6 +34,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--stage", default="valid", choices=["valid", "test"])
+    ap.add_argument("--id-view-weights", type=float, nargs="*", default=None, metavar="W",
+                    help="also rank from the prompts fused with the identifier view at these weights (default: the "
+                         "run's own id_view_weight)")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "recfm" / "bench-quickstart")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", default="quickstart_tune_steps")
@@ -60,13 +63,21 @@ def main():
         if not (run / "run.json").exists():
             train(quickstart_config("tune", domain_dir, run, pre_dir, steps, args.preset, args.seed), progress=False)
         tune_s = json.loads((run / "run.json").read_text())["train_runtime_s"]
-        report = evaluate(run, domain_dir, tasks=["next_item"], stage=args.stage, seed=args.seed, progress=True)
-        raw[f"tune{steps}"] = {"tune_s": tune_s, "users": report["users"], "next_item": report["tasks"]["next_item"]}
+        report = evaluate(run, domain_dir, tasks=["next_item"], stage=args.stage, seed=args.seed, progress=True,
+                          id_view_weight=args.id_view_weights)
+        fused = report["tasks"].get("next_item_fused", {})
+        raw[f"tune{steps}"] = {"tune_s": tune_s, "users": report["users"], "next_item": report["tasks"]["next_item"],
+                               "next_item_fused": fused}
         baselines = report["baselines"]
         for view, label in VIEWS:
             m = report["tasks"]["next_item"].get(view)
             if m:
                 rows.append([f"recfm, {steps} tuning steps", label, m["hr@10"], m["ndcg@10"], m["mrr"], tune_s])
+        for w, by in fused.items():  # the prompts fused with the identifier view (recfm.eval.runner.fused_scores)
+            for view, label in VIEWS[:2]:
+                m = by[view]
+                rows.append([f"recfm, {steps} tuning steps", f"{label} + identifier view ×{w}", m["hr@10"], m["ndcg@10"],
+                             m["mrr"], tune_s])
     for name in ("popularity", "content_profile", "oracle", "text_only_oracle"):
         if name in baselines:
             m = baselines[name]
@@ -100,6 +111,11 @@ def plot(raw: dict, tune_steps: list[int], out: Path) -> None:
                if view in raw[f"tune{s}"]["next_item"]]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
+    weights = sorted({w for s in tune_steps for w in raw[f"tune{s}"].get("next_item_fused", {})}, key=float)
+    for w in weights:
+        pts = [(s, raw[f"tune{s}"]["next_item_fused"][w]["seen"]["ndcg@10"]) for s in tune_steps
+               if w in raw[f"tune{s}"].get("next_item_fused", {})]
+        ax.plot(*zip(*pts), marker="s", label=f"prompt (seen) + identifier view ×{w}")
     for name, colour in (("popularity", "grey"), ("content_profile", "silver")):
         if name in raw["baselines"]:
             ax.axhline(raw["baselines"][name]["ndcg@10"], linestyle="--", color=colour, label=name.replace("_", " "))

@@ -17,7 +17,9 @@ DEFAULT_TASK_WEIGHTS = {
 # answer_distill's weight where it applies and the config leaves it unset: on MovieLens's validation split (seed 0)
 # prompts ranked at NDCG@10 0.047 with weight 1, 0.047 with weight 5 and 0.036 without
 AUTO_ANSWER_DISTILL = 1.0
-# id_view_weight where the model has an identifier view and the config leaves it unset
+# id_view_weight where the model has an identifier view and the config leaves it unset: on MovieLens's validation
+# split (seed 0, the 450-step distilled recipe) the seen-template prompt ranked at NDCG@10 0.068 alone, 0.077 /
+# 0.081 / 0.085 / 0.084 / 0.084 fused at weight 0.25 / 0.5 / 1 / 2 / 4; the identifier view alone at 0.082
 AUTO_ID_VIEW_WEIGHT = 1.0
 
 
