@@ -390,7 +390,9 @@ def test_cold_item_split_trains_without_the_cold_items_and_ranks_them(small_defa
 
     report = evaluate(pre, small_default.path, split="cold_items", progress=False)
     assert report["split"] == "cold_items" and report["users"] == len(split.test) > 0
-    assert set(report["tasks"]) == {"next_item", "next_item_among_new"}  # full ranking, and among the new items
+    # full ranking, and among the new items; each also fused with the identifier view at the run's weight
+    assert set(report["tasks"]) == {"next_item", "next_item_among_new", "next_item_fused", "next_item_among_new_fused"}
+    assert set(report["tasks"]["next_item_among_new_fused"]["1"]) == {"seen", "held_out"}
     assert {"random", "popularity", "content_profile"} <= set(report["baselines"])
     assert report["baselines"]["random"]["hr@10"] == pytest.approx(10 / 80, rel=0.2)
     n_new = report["cold_items"]
