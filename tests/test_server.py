@@ -325,6 +325,10 @@ def test_recommendations_fuse_the_prompt_with_the_identifier_view(client, server
     assert ranking(k=5) == ranking(k=5, id_view_weight=0)  # this run's own weight is 0
     # the identifier view is never fused with itself
     assert ranking(k=5, template="id_sequence", id_view_weight=2) == ranking(k=5, template="id_sequence")
+    # Python callers (Service.recommend, which steps its own engine) get the same fused ranking
+    own = make_service(svc.run_dir).recommend(hist, k=5, id_view_weight=0.5)
+    assert [i for i, _ in own] == [i for i, _ in fused[:5]]
+    assert [s for _, s in own] == pytest.approx([s for _, s in fused[:5]], abs=1e-4)
     r = client.post("/v1/recommendations", json={"history": hist, "id_view_weight": -1})
     assert r.status_code == 400 and "id_view_weight" in r.text
 
