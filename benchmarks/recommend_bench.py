@@ -344,9 +344,18 @@ def main():
     if fused:
         lines += ["", "Per-user NDCG@10 of the seen-template prompt fused with the identifier view (`fused_scores`: the "
                   "prompt's log-probabilities plus the weight times the view's), minus the prompt alone's and minus "
-                  "popularity's (paired sign-flip test):", ""]
-        lines += [f"- {k} ×{w}: vs the prompt alone {a['mean_diff']:+.4f} (p = {a['p_value']:.4f}); vs popularity "
-                  f"{b['mean_diff']:+.4f} (p = {b['p_value']:.4f}), {a['n']} users" for k, w, a, b in fused]
+                  "popularity's and minus the identifier view alone's (paired sign-flip test):", ""]
+        from recfm.eval.metrics import paired_test
+
+        for k, w, a, b in fused:
+            line = (f"- {k} ×{w}: vs the prompt alone {a['mean_diff']:+.4f} (p = {a['p_value']:.4f}); vs popularity "
+                    f"{b['mean_diff']:+.4f} (p = {b['p_value']:.4f})")
+            ours, view = raw[k]["per_user_ndcg_fused"][w], raw[k].get("per_user_ndcg_id_view")
+            if view:  # and against the identifier view alone: does the prompt add to it?
+                users = sorted(set(ours) & set(view))
+                c = raw[k].setdefault("fused_vs_id_view", {})[w] = paired_test([ours[u] for u in users], [view[u] for u in users])
+                line += f"; vs the identifier view alone {c['mean_diff']:+.4f} (p = {c['p_value']:.4f})"
+            lines.append(line + f", {a['n']} users")
     vs_sasrec = [(seed, raw[f"sasrec/seed{seed}"]) for seed in args.seeds if "per_user_ndcg" in raw.get(f"sasrec/seed{seed}", {})]
     if vs_sasrec and args.variants:  # SASRec runs that kept each user's rank
         from recfm.eval.metrics import paired_test
