@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..foundation.generation import fused_scores  # noqa: F401  (recfm.eval.runner.fused_scores)
+from ..foundation.generation import fused_scores
 from . import metrics as M
 
 class LoadedRun:
