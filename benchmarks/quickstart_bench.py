@@ -73,7 +73,7 @@ def main():
             m = report["tasks"]["next_item"].get(view)
             if m:
                 rows.append([f"recfm, {steps} tuning steps", label, m["hr@10"], m["ndcg@10"], m["mrr"], tune_s])
-        for w, by in fused.items():  # the prompts fused with the identifier view (recfm.eval.runner.fused_scores)
+        for w, by in fused.items():  # the prompts fused with the identifier view (recfm.foundation.generation.fused_scores)
             for view, label in VIEWS[:2]:
                 m = by[view]
                 rows.append([f"recfm, {steps} tuning steps", f"{label} + identifier view ×{w}", m["hr@10"], m["ndcg@10"],

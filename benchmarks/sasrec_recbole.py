@@ -54,6 +54,13 @@ dataset = create_dataset(config)
 train_data, valid_data, test_data = data_preparation(config, dataset)
 model = SASRec(config, train_data.dataset).to(config["device"])
 trainer = Trainer(config, model)
+valid_history = []  # validation NDCG@10 after each epoch, to see whether the epoch budget let SASRec converge
+_valid_epoch = trainer._valid_epoch
+def _recorded(*a, **k):
+    score, res = _valid_epoch(*a, **k)
+    valid_history.append(float(score))
+    return score, res
+trainer._valid_epoch = _recorded
 trainer.fit(train_data, valid_data, saved=True, show_progress=False)
 result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
 tds = test_data.dataset
@@ -74,7 +81,8 @@ with torch.no_grad():
             ranks[str(u)] = int(k)
 json.dump({"metrics": {k: float(v) for k, v in result.items()},
            "test_pairs": sorted([str(u), str(i)] for u, i in zip(users, items)),
-           "per_user_rank": ranks, "n_items": int(dataset.item_num - 1)}, open(os.path.join(out, "recbole.json"), "w"))
+           "per_user_rank": ranks, "n_items": int(dataset.item_num - 1),
+           "valid_ndcg@10_by_epoch": valid_history, "torch_threads": torch.get_num_threads()}, open(os.path.join(out, "recbole.json"), "w"))
 '''
 
 

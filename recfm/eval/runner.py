@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..foundation.generation import fused_scores
 from . import metrics as M
 
 class LoadedRun:
@@ -116,12 +117,6 @@ def id_view_logprobs(run: LoadedRun, rows: list[dict], masked: dict[str, list[st
         for r, s in zip(chunk, torch.log_softmax(scores.float(), -1)):
             out[r["user_id"]] = s
     return out
-
-
-def fused_scores(scores: torch.Tensor, id_view: torch.Tensor, weight: float) -> torch.Tensor:
-    """A prompt's next-item scores fused with the identifier view's over the same history: the prompt's
-    log-probabilities plus `weight` times the view's (a weighted product of the two distributions)."""
-    return torch.log_softmax(scores.float(), -1) + weight * id_view
 
 
 def eval_ranking(run: LoadedRun, rows: list[dict], masked: dict[str, list[str]], batch_size: int = 16,

@@ -143,6 +143,13 @@ def _trees_for(item_tokenizer, max_nodes: int) -> tuple[np.ndarray, list[tuple[n
     return hit
 
 
+def fused_scores(scores: torch.Tensor, id_view: torch.Tensor, weight: float) -> torch.Tensor:
+    """A prompt's next-item scores fused with the identifier view's over the same history: the prompt's
+    log-probabilities plus `weight` times the view's (log-probabilities; a weighted product of the two
+    distributions). Shared by `recfm eval` and `/v1/recommendations`."""
+    return torch.log_softmax(scores.float(), -1) + weight * id_view
+
+
 @torch.no_grad()
 def score_semantic_items(model, item_tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                          pixel_values=None, content_item_ids=None, exclude: list[list[int]] | None = None,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..foundation.generation import fused_scores
 from ..instructions.chat import Item, PromptTooLong, id_sequence_prompt, render
 from ..instructions.templates import fill, load_templates
 from ..tokenizers.images import DEFAULT_MAX_PIXELS, ImageError, to_pixels
@@ -215,9 +216,9 @@ class Service:
             requests.append((view, scorer))
 
         def finish(scores: list[torch.Tensor]) -> list[tuple[str, float]]:
-            if weight:  # log-softmax over the items that can be answered, then the weighted sum
-                masked = [_masked(s, excluded, allowed).log_softmax(-1) for s in scores]
-                return _top_items(items, masked[0] + weight * masked[1], k, excluded, allowed)
+            if weight:  # normalised over the items that can be answered, as eval's fusion
+                prompt, view = (_masked(s, excluded, allowed) for s in scores)
+                return _top_items(items, fused_scores(prompt, view.log_softmax(-1), weight), k, excluded, allowed)
             return _top_items(items, scores[0], k, excluded, allowed)
 
         return requests, finish
