@@ -59,6 +59,7 @@ _valid_epoch = trainer._valid_epoch
 def _recorded(*a, **k):
     score, res = _valid_epoch(*a, **k)
     valid_history.append(float(score))
+    print(f"SASRec seed {seed}: epoch {len(valid_history)}/{epochs}, validation NDCG@10 {score:.4f}", flush=True)
     return score, res
 trainer._valid_epoch = _recorded
 trainer.fit(train_data, valid_data, saved=True, show_progress=False)
