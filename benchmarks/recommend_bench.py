@@ -288,6 +288,7 @@ def main():
     raw["mean_std_over_seeds"] = summary
     machine = machine_info()
     raw["machine"] = machine
+    stem_name = args.name or f"recommend_{domain.name}"
     shown = METRICS + (("median_rank",) if args.split == "cold_items" else ())  # HR@K is often 0 for new items
     header = ["ranker", "seed", *shown, "train (s)"]
     n_eval = next((v["users"] for k, v in raw.items() if k.startswith("recfm/")), len(domain.sequences))
@@ -375,6 +376,18 @@ def main():
                     r.setdefault("vs_sasrec", {})[label] = t
                     lines.append(f"- {variant}, seed {seed}, {label}: mean difference {t['mean_diff']:+.4f} over "
                                  f"{t['n']} users, p = {t['p_value']:.4f}")
+    curves = {seed: raw[f"sasrec/seed{seed}"] for seed in args.seeds if raw.get(f"sasrec/seed{seed}", {}).get("valid_ndcg@10_by_epoch")}
+    if curves:  # did the epoch budget let SASRec converge? RecBole tests the best validation epoch's model
+        lines += ["", "SASRec's validation NDCG@10 by epoch (RecBole tests the model of the best epoch; "
+                  f"`{stem_name}_sasrec_valid.png`):", ""]
+        for seed, s in curves.items():
+            h = s["valid_ndcg@10_by_epoch"]
+            best = int(np.argmax(h))
+            tail = f"; the last 5 epochs added {h[-1] - h[-6]:+.4f}" if len(h) > 5 else ""
+            mean = s.get("per_user_ndcg@10_mean")
+            check = f"; mean of its per-user test NDCG@10 {mean:.4f} vs RecBole's {s['recfm_names']['ndcg@10']:.4f}" if mean else ""
+            lines.append(f"- seed {seed}: best epoch {best + 1} of {len(h)} ({h[best]:.4f}; epoch 1: {h[0]:.4f}){tail}; "
+                         f"{s.get('torch_threads', '?')} torch thread(s){check}")
     if len(args.variants) > 1:  # every variant against the first, same seed, same users
         from recfm.eval.metrics import paired_test
 
@@ -391,8 +404,10 @@ def main():
         lines += ["", "Collected from earlier runs of this script (nothing retrained or re-evaluated):", ""]
         lines += [f"- {k}: `{collected['_from'][k]}`" for k in raw if k in collected["_from"]]
     lines += ["", f"Machine: {json.dumps(machine)}", f"Settings: {json.dumps(raw['settings'])}"]
-    stem = write_result(args.name or f"recommend_{domain.name}", "\n".join(lines), raw, args.out)
+    stem = write_result(stem_name, "\n".join(lines), raw, args.out)
     plot(rows, stem.with_suffix(".png"), domain.name, args.split)
+    if curves:
+        plot_sasrec_curves(curves, stem.with_name(stem.stem + "_sasrec_valid.png"), domain.name)
     print("\n".join(lines))
 
 
@@ -437,6 +452,26 @@ def plot(rows, out: Path, name: str, split: str = "leave_one_out") -> None:
         ax.set_xlabel(metric)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"next-item prediction on {name} (full ranking, {'new items' if split == 'cold_items' else 'leave-one-out'})")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def plot_sasrec_curves(curves: dict, out: Path, name: str) -> None:
+    """SASRec's validation NDCG@10 after each epoch, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for seed, s in curves.items():
+        h = s["valid_ndcg@10_by_epoch"]
+        ax.plot(range(1, len(h) + 1), h, marker=".", label=f"seed {seed}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation NDCG@10")
+    ax.set_title(f"RecBole SASRec on {name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
