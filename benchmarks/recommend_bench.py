@@ -54,6 +54,8 @@ VARIANTS = {  # name -> training config overrides
 ID_STAGES = {
     "early-atomic-idstage": ("early-atomic", dict(id_readings=5, epochs=1.0, batch_size=32, lr=1e-3), {}),
     "early-atomic-idstage-e3": ("early-atomic", dict(id_readings=5, epochs=3.0, batch_size=32, lr=1e-3), dict(lr=3e-4)),
+    # the same stages without any image (the images ablation of the current recipe)
+    "no-images-idstage-e3": ("no-images", dict(id_readings=5, epochs=3.0, batch_size=32, lr=1e-3), dict(lr=3e-4)),
 }
 # variant -> (the variant whose pretraining and identifier-only runs it continues, for the same seed; its tuning
 # stage's further overrides): the same stages up to tuning, so the two tuned runs differ in one setting
@@ -65,9 +67,10 @@ TUNE_VARIANTS = {
     # example draws; the earlier stages are seed 0's)
     "early-atomic-idstage-e3-t1": ("early-atomic-idstage-e3", dict(seed=1)),
     "early-atomic-idstage-e3-distill-t1": ("early-atomic-idstage-e3", dict(answer_distill=1.0, seed=1)),
+    "no-images-idstage-e3-distill": ("no-images-idstage-e3", dict(answer_distill=1.0)),
 }
-for _v in ID_STAGES:
-    VARIANTS[_v] = VARIANTS["early-atomic"]
+for _v, (_base, _, _) in ID_STAGES.items():
+    VARIANTS[_v] = VARIANTS[_base]
 for _v, (_base, _) in TUNE_VARIANTS.items():
     VARIANTS[_v] = VARIANTS[_base]
 METRICS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr")
