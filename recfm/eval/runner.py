@@ -403,12 +403,15 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
                 {"user_id": r["user_id"], "held_out": r["held_out"], "rank": k} for r, k in zip(rs, fused)]
         if id_view is not None:  # the view pretraining taught, one row per user
             first = [r for r in rs if r["template_id"] == rs[0]["template_id"]]
-            view = torch.stack([id_view[r["user_id"]] for r in first]).numpy()
-            targets = np.asarray([run.tok.items.index(r["target"]) for r in first])
-            seq_ranks = M.target_ranks(view, targets).tolist()
+            seq_ranks, seq_new = [], []
+            for chunk in _batches(first, 256):  # a few users at a time: users x items would not fit for a large catalogue
+                view = torch.stack([id_view[r["user_id"]] for r in chunk]).numpy()
+                targets = np.asarray([run.tok.items.index(r["target"]) for r in chunk])
+                seq_ranks += M.target_ranks(view, targets).tolist()
+                if cold:
+                    seq_new += M.ranks_within(view, targets, np.asarray(among, dtype=np.int64)).tolist()
             if cold:
-                T["next_item_among_new"]["id_sequence"] = M.ranking_metrics(
-                    M.ranks_within(view, targets, np.asarray(among, dtype=np.int64)))
+                T["next_item_among_new"]["id_sequence"] = M.ranking_metrics(seq_new)
             T["next_item"]["id_sequence"] = M.ranking_metrics(seq_ranks)
             report["per_example"]["next_item_id_sequence"] = [{"user_id": r["user_id"], "rank": k}
                                                               for r, k in zip(first, seq_ranks)]
