@@ -113,7 +113,7 @@ def summarize(results: list[dict], wall: float) -> dict:
             "req_s": len(results) / wall, "ttft_s": stats("ttft"), "tpot_s": stats("tpot"), "latency_s": stats("latency")}
 
 
-async def run_recs(url: str, model: str, histories: list[list[str]], concurrency: int) -> dict:
+async def run_recs(url: str, model: str, histories: list[list[str]], concurrency: int, extra: dict | None = None) -> dict:
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
@@ -121,7 +121,7 @@ async def run_recs(url: str, model: str, histories: list[list[str]], concurrency
         async def go(h):
             async with sem:
                 t0 = time.perf_counter()
-                r = await client.post(url + "/v1/recommendations", json={"model": model, "history": h, "k": 10})
+                r = await client.post(url + "/v1/recommendations", json={"model": model, "history": h, "k": 10, **(extra or {})})
                 r.raise_for_status()
                 return {"latency": time.perf_counter() - t0, "tokens": 0}
 
@@ -282,6 +282,9 @@ def main() -> None:
                     help="vLLM's weights: bfloat16 through ../shared/peers/vllm-cpu/serve.sh as it is, or float32 "
                          "(the same launcher and environment with --dtype float32)")
     ap.add_argument("--no-mixed", action="store_true", help="skip the mixed-length workload")
+    ap.add_argument("--recommendations-only", type=float, nargs="+", default=None, metavar="W",
+                    help="only the recommendations workload, once per id_view_weight W (0: the prompt alone; "
+                         "above 0: the prompt fused with the identifier view, two engine requests each)")
     ap.add_argument("--startup-only", type=int, default=0, metavar="N",
                     help="only start `recfm serve` N times and report the start-up time (until /health answers)")
     args = ap.parse_args()
@@ -290,6 +293,8 @@ def main() -> None:
 
     if args.startup_only:
         return startup_only(args)
+    if args.recommendations_only:
+        return recommendations_only(args)
     from recfm.tokenizers.text import load_text_tokenizer
 
     tok = load_text_tokenizer(args.run)
@@ -467,6 +472,42 @@ def startup_only(args) -> None:
           f"{args.startup_only} starts, extra arguments `{args.server_args}`.", "",
           markdown_table(["start", "seconds"], [[i + 1, t] for i, t in enumerate(times)]), "",
           f"Median {data['median_s']:.2f} s, min {min(times):.2f} s, max {max(times):.2f} s."]
+    write(args.name, "\n".join(md), data)
+    print("\n".join(md))
+
+
+def recommendations_only(args) -> None:
+    """POST /v1/recommendations at concurrency 16 with each asked id_view_weight, the weights
+    alternating within each repeat; the median run of each."""
+    histories = movielens_histories(args.run, args.rec_requests)
+    if not histories:
+        sys.exit(f"{args.run} was not trained on MovieLens: the recommendations workload reads its histories")
+    runs: dict[float, list[dict]] = {}
+    server = ServerProcess(args.run, [*args.server_args.split(), "--dtype", args.dtype])
+    try:
+        asyncio.run(run_recs(server.url, server.model, histories[:16], 16))  # warm-up
+        for rep in range(args.repeats):
+            for w in args.recommendations_only:
+                r = asyncio.run(run_recs(server.url, server.model, histories, 16, {"id_view_weight": w}))
+                runs.setdefault(w, []).append(r)
+                print(f"repeat {rep + 1}/{args.repeats}, id_view_weight {w:g}: {r['req_s']:.2f} req/s", flush=True)
+        peak = server.peak_rss_mib()
+    finally:
+        server.stop()
+    res = {f"{w:g}": sorted(rs, key=lambda r: r["req_s"])[len(rs) // 2] for w, rs in runs.items()}
+    base = res.get("0")
+    rows = [[w, r["requests"], r["req_s"], r["latency_s"]["median"] * 1e3, r["latency_s"]["p99"] * 1e3,
+             r["req_s"] / base["req_s"] if base else float("nan")] for w, r in res.items()]
+    data = {"settings": vars(args) | {"run": str(args.run)}, "machine": machine(), "results": res,
+            "server": {"startup_s": server.startup_s, "peak_rss_mib": peak}}
+    md = [f"# Recommendations with and without the identifier view ({args.run.name}, {time.strftime('%Y-%m-%d')})", "",
+          f"Machine: {data['machine']['cpu']}, {data['machine']['cpu_count']} cores, torch {data['machine']['torch']}. "
+          f"`recfm serve` ({'fp32' if args.dtype == 'float32' else 'bf16'}), POST /v1/recommendations at concurrency 16, "
+          f"{len(histories)} real MovieLens histories (each user's last 20 training items), k 10, full ranking over the "
+          f"catalogue. id_view_weight 0 asks the prompt alone (one engine request); above 0 the server also asks the "
+          f"identifier view of the same history and fuses the two (two engine requests). Each row is the median of "
+          f"{args.repeats} runs, the weights alternating within each.", "",
+          markdown_table(["id_view_weight", "requests", "req/s", "latency median ms", "latency p99 ms", "req/s vs weight 0"], rows)]
     write(args.name, "\n".join(md), data)
     print("\n".join(md))
 

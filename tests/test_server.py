@@ -242,6 +242,38 @@ def test_constrained_item_answers(oai, server, items):
         assert got in server.service.catalogue and got not in items[:4]
 
 
+def test_chat_item_answers_fuse_the_identifier_view(client, server, items):
+    """An answer constrained to one item (atomic ids) is fused with the identifier view of the items the
+    messages mention: its log-probabilities are the prompt's plus the weight times the view's (normalised
+    over the items that can be answered), up to a constant; greedy, it answers the fused first."""
+    svc = server.service
+    hist, n = items[:4], len(svc.tok.items) - 4
+    item_of = {svc.tok.text.decode(svc.tok.items.encode(i)): i for i in svc.tok.items.item_ids}
+
+    def answer(**extra) -> tuple[str, dict[str, float]]:
+        r = client.post("/v1/chat/completions", json={"messages": history_message(hist), "max_tokens": 3, "temperature": 0,
+                                                      "exclude_seen": True, "logprobs": True, "top_logprobs": 20, **extra})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        top = choice["logprobs"]["content"][0]["top_logprobs"]
+        return choice["message"]["items"][0]["item_id"], {item_of[t["token"]]: t["logprob"] for t in top}
+
+    view = client.post("/v1/recommendations", json={"history": hist, "k": n, "template": "id_sequence"}).json()["data"]
+    view = dict(zip([d["item_id"] for d in view], torch.tensor([d["score"] for d in view]).log_softmax(0).tolist()))
+    (alone, prompt), (fused, both) = answer(), answer(id_view_weight=3.0)  # this run's own weight is 0
+    assert alone == max(prompt, key=prompt.get) and fused == max(both, key=both.get)
+    assert not (set(prompt) | set(both)) & set(hist)
+    shared = sorted(set(prompt) & set(both))
+    assert len(shared) >= 3
+    offsets = [both[i] - prompt[i] - 3.0 * view[i] for i in shared]
+    assert offsets == pytest.approx([offsets[0]] * len(offsets), abs=1e-3)
+    assert max(abs(3.0 * view[i] - 3.0 * view[shared[0]]) for i in shared) > 0.01  # the view did move them
+    assert answer(id_view_weight=0)[1] == pytest.approx(prompt)
+    r = client.post("/v1/chat/completions", json={"messages": history_message(hist), "exclude_seen": True,
+                                                  "id_view_weight": -1})
+    assert r.status_code == 400 and "id_view_weight" in r.text
+
+
 # --- completions ---------------------------------------------------------------------------------
 
 

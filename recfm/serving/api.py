@@ -196,6 +196,13 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
         except ParamError as e:
             raise bad(str(e), e.param) from None
 
+    async def scores(prompt, scorer):
+        """A ranking request's catalogue scores (its scorer's result), through the engine."""
+        result = None
+        async for out in outputs(f"rec-{uuid.uuid4().hex}", prompt, SamplingParams(max_tokens=1), scorer):
+            result = out.result
+        return result
+
     async def started(events: AsyncIterator) -> AsyncIterator:
         """Wait for the first event before answering, so that a request the engine refuses gets a status
         code instead of a stream that breaks; then every event, the first included."""
@@ -288,12 +295,18 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
             prompt, _ = service.prompt(messages, images)
             params = sampling(body, len(prompt.token_ids), (body.top_logprobs or 0) if body.logprobs else None)
             constrain = body.constrain or ("item" if body.allowed_items is not None or body.exclude_seen else None)
+            view = None
             if constrain == "item":
-                service.item_params(params, body.allowed_items, mentioned if body.exclude_seen else [])
+                exclude = mentioned if body.exclude_seen else []
+                service.item_params(params, body.allowed_items, exclude)
+                view = service.item_answer_view(mentioned, body.allowed_items, exclude, body.id_view_weight)
             elif constrain == "image":
                 service.image_params(params)
         except BadInput as e:
             raise bad(str(e), e.param) from None
+        if view is not None:  # the identifier view first (one more engine request), then the fused answer
+            request_view, to_bias = view
+            params.constraint.first_bias = to_bias(await scores(*request_view))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         gen = outputs(rid, prompt, params)
@@ -452,13 +465,6 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
                 # batched with other requests, prefix cache included
                 requests, finish = service.recommend_request(history, body.k, body.exclude_seen, body.allowed_items,
                                                              body.template, body.id_view_weight)
-
-                async def scores(prompt, scorer):
-                    result = None
-                    async for out in outputs(f"rec-{uuid.uuid4().hex}", prompt, SamplingParams(max_tokens=1), scorer):
-                        result = out.result
-                    return result
-
                 ranked = finish(await asyncio.gather(*(scores(p, s) for p, s in requests)))
         except BadInput as e:
             raise bad(str(e), e.param) from None

@@ -2,7 +2,8 @@
 
 - `ItemConstraint`: the output is exactly one item identifier (any of the catalogue, or a given
   subset), then the end token: decoded under the prefix trie of those items' codes, so only real
-  items come out.
+  items come out. An optional bias on the first token's logits fuses another view into the answer
+  (the chat route's identifier view, atomic ids: one token an item).
 - `ImageGridConstraint`: <|img|>, exactly grid x grid image-code tokens, <|/img|>, then the end
   token; every such output decodes to a picture.
 """
@@ -20,6 +21,10 @@ class Constraint:
     def allowed(self, generated: Sequence[int]) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def bias(self, generated: Sequence[int]):
+        """(token ids, values) to add to the next token's logits after the mask, or None."""
+        return None
+
 
 class ItemConstraint(Constraint):
     def __init__(self, item_tokenizer, end_token_id: int, item_ids: Sequence[str] | None = None):
@@ -30,10 +35,14 @@ class ItemConstraint(Constraint):
                 raise ValueError("no items left to choose from")
             self.trie = PrefixTrie([item_tokenizer.encode(i) for i in item_ids])
         self.end = np.array([end_token_id], dtype=np.int64)
+        self.first_bias = None  # (token ids, values) added to the first token's logits: a fused chat answer
 
     def allowed(self, generated):
         nxt = self.trie.allowed(generated)
         return nxt if len(nxt) else self.end
+
+    def bias(self, generated):
+        return self.first_bias if not len(generated) else None
 
 
 class ImageGridConstraint(Constraint):

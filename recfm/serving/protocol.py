@@ -48,6 +48,9 @@ class ChatRequest(_Sampling):
     allowed_items: list[str] | None = None
     exclude_seen: bool = False
     constrain: Literal["item", "image"] | None = None
+    # an answer constrained to one item is fused with the identifier view of the items the messages mention
+    # (atomic ids; None: the model's own id_view_weight; 0: the prompt alone)
+    id_view_weight: float | None = Field(default=None, ge=0)
 
 
 class CompletionRequest(_Sampling):

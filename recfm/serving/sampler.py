@@ -1,7 +1,7 @@
 """The sampler: one next token per sequence from the model's last-position logits.
 
 Order, per row: repetition penalty (over prompt and output, as transformers applies it), the
-constraint mask, log-probabilities (reported from these logits, before temperature), then greedy
+constraint mask and the constraint's bias, if any, log-probabilities (reported from these logits, before temperature), then greedy
 argmax, or temperature, top-k, top-p and a draw. The sampled rows are handled as one batch: top-k
 through one `topk`, top-p through a sort of only the rows that ask for it, one softmax, and one
 uniform number per row looked up in the row's cumulative distribution (inverse CDF). On this
@@ -41,6 +41,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[Sampled]:
             masked = torch.full_like(logits[b], float("-inf"))
             masked[allowed] = logits[b, allowed]
             logits[b] = masked
+            bias = p.constraint.bias(seq.output)
+            if bias is not None:
+                ids, values = bias
+                logits[b, ids] += values
     want_lp = [s.request.params.logprobs is not None for s in seqs]
     logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
     tokens = np.argmax(logits.numpy(), axis=-1).tolist()  # greedy rows keep these (numpy's SIMD argmax: 7x torch's here)
@@ -58,7 +62,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[Sampled]:
             s.logprob = float(lp[tok])
             if p.logprobs:
                 v, i = torch.topk(lp, p.logprobs)
-                s.top = list(zip(i.tolist(), v.tolist()))
+                # tokens a constraint rules out (-inf) are no alternatives, and JSON has no -inf
+                s.top = [(t, x) for t, x in zip(i.tolist(), v.tolist()) if x > float("-inf")]
             else:
                 s.top = []
         out.append(s)

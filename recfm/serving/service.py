@@ -223,6 +223,33 @@ class Service:
 
         return requests, finish
 
+    def item_answer_view(self, mentioned: list[str], allowed_items: list[str] | None, exclude: list[str],
+                         id_view_weight: float | None = None):
+        """For a chat answer constrained to one item: None where nothing is fused (weight 0, no items
+        mentioned, or ids other than atomic, where an item is more than one token); else (request,
+        to_bias): the identifier view of the items the messages mention (in order) as one engine request
+        (prompt, scorer), and to_bias(its scores) -> (token ids, values) for `ItemConstraint.first_bias`:
+        the weight times the view's log-probabilities over the items that can be answered. Added to the
+        first token's logits, the answer is ranked as /v1/recommendations ranks (`fused_scores`): up to a
+        constant, the prompt's log-probabilities plus the weight times the view's."""
+        cfg = self.model.config
+        if id_view_weight and cfg.item_mode != "atomic":
+            raise BadInput(f"fusing the identifier view into a chat answer needs atomic item ids (one token an item); "
+                           f"this model has {cfg.item_mode} ids", "id_view_weight")
+        weight = self.id_view_weight(id_view_weight, "chat") if cfg.item_mode == "atomic" else 0.0
+        if not weight or not mentioned:
+            return None
+        (request,), _ = self.recommend_request(mentioned, exclude_seen=False, template=ID_SEQUENCE)
+        excluded = [self.tok.items.index(i) for i in dict.fromkeys(exclude)]
+        allowed = None if allowed_items is None else torch.tensor([self.tok.items.index(i) for i in allowed_items])
+
+        def to_bias(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            view = _masked(scores, excluded, allowed).log_softmax(-1)
+            keep = torch.isfinite(view).nonzero().flatten()  # the rest are masked out by the constraint
+            return keep + cfg.item_token_offset, weight * view[keep]
+
+        return request, to_bias
+
     def id_view_weight(self, asked: float | None, template: str) -> float:
         """The identifier view's weight in a ranking asked with `template`: 0 for the view itself and
         for models without it; else `asked`, or the model's own `id_view_weight`."""
