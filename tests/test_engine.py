@@ -469,6 +469,41 @@ def test_item_constraint_gives_real_items(atomic):
             assert item is not None and (c.trie is items.trie or item in allowed)
 
 
+def test_item_constraint_bias_moves_the_first_token_only(atomic):
+    """ItemConstraint.first_bias is added to the first token's logits after the mask (the fused chat
+    answer): the reported log-probabilities are those of the biased logits over the allowed items."""
+    from recfm.serving.constraints import ItemConstraint
+
+    items = atomic.tok.items
+    allowed = items.item_ids[5:9]
+    tokens = torch.tensor([items.encode(i)[0] for i in allowed])
+    plain = ItemConstraint(items, atomic.end, allowed)
+    greedy = dict(max_tokens=4, temperature=0, logprobs=4)
+    first = outputs(atomic.engine(), atomic.prompts[:1], SamplingParams(**greedy, constraint=plain))[0]
+    lp = {}
+    eng = atomic.engine()
+    eng.add_request("lp", atomic.prompts[0], SamplingParams(**greedy, constraint=plain))
+    while eng.has_unfinished():
+        for out in eng.step():
+            lp = lp or dict(out.outputs[0].logprobs[0].top)
+    last = min(lp, key=lp.get)  # the allowed item the prompt likes least
+    assert first[0] != last and set(lp) == set(tokens.tolist())
+    values = torch.tensor([5.0 if t == last else 0.0 for t in tokens.tolist()])
+    biased = ItemConstraint(items, atomic.end, allowed)
+    biased.first_bias = (tokens, values)
+    eng = atomic.engine()
+    eng.add_request("b", atomic.prompts[0], SamplingParams(**greedy, constraint=biased))
+    picks = []
+    while eng.has_unfinished():
+        for out in eng.step():
+            picks += out.outputs[0].logprobs
+    moved = torch.tensor([lp[t] for t in tokens.tolist()]) + values
+    expected = dict(zip(tokens.tolist(), moved.log_softmax(0).tolist()))
+    assert dict(picks[0].top) == pytest.approx(expected, abs=1e-4)
+    assert picks[0].token == max(expected, key=expected.get)
+    assert picks[1].token == atomic.end and [t for t, _ in picks[1].top] == [atomic.end]  # ruled-out tokens are left out
+
+
 def test_image_constraint_gives_one_grid(atomic):
     from recfm.serving.constraints import ImageGridConstraint
 
