@@ -394,15 +394,26 @@ def main():
     if len(args.variants) > 1:  # every variant against the first, same seed, same users
         from recfm.eval.metrics import paired_test
 
-        lines += ["", f"Per-user NDCG@10 of each variant minus {args.variants[0]}'s (seen template, same seed, paired sign-flip test):", ""]
+        lines += ["", f"Per-user NDCG@10 of each variant minus {args.variants[0]}'s (seen template, and the identifier view "
+                  "and the fusion where both have them; same seed, paired sign-flip test):", ""]
         for seed in args.seeds:
-            ref = raw[f"recfm/{args.variants[0]}/seed{seed}"]["per_user_ndcg"]
+            first = raw[f"recfm/{args.variants[0]}/seed{seed}"]
             for v in args.variants[1:]:
-                other = raw[f"recfm/{v}/seed{seed}"]["per_user_ndcg"]
-                users = sorted(set(ref) & set(other))
-                t = paired_test([other[u] for u in users], [ref[u] for u in users])
-                raw[f"recfm/{v}/seed{seed}"]["vs_first_variant"] = t
-                lines.append(f"- {v}, seed {seed}: mean difference {t['mean_diff']:+.4f} over {t['n']} users, p = {t['p_value']:.4f}")
+                r = raw[f"recfm/{v}/seed{seed}"]
+                pairs = [("", first["per_user_ndcg"], r["per_user_ndcg"]),
+                         (" (identifier view)", first.get("per_user_ndcg_id_view"), r.get("per_user_ndcg_id_view"))]
+                pairs += [(f" (prompt + identifier view ×{w})", d, (r.get("per_user_ndcg_fused") or {}).get(w))
+                          for w, d in (first.get("per_user_ndcg_fused") or {}).items()]
+                for label, ref, other in pairs:
+                    if not ref or not other:
+                        continue
+                    users = sorted(set(ref) & set(other))
+                    t = paired_test([other[u] for u in users], [ref[u] for u in users])
+                    r.setdefault("vs_first_variant_by_view", {})[label.strip(" ()") or "prompt"] = t
+                    if not label:
+                        r["vs_first_variant"] = t
+                    lines.append(f"- {v}, seed {seed}{label}: mean difference {t['mean_diff']:+.4f} over {t['n']} users, "
+                                 f"p = {t['p_value']:.4f}")
     if collected:
         lines += ["", "Collected from earlier runs of this script (nothing retrained or re-evaluated):", ""]
         lines += [f"- {k}: `{collected['_from'][k]}`" for k in raw if k in collected["_from"]]
