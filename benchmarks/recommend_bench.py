@@ -304,7 +304,7 @@ def main():
               f"all {len(domain.item_ids)} items, history masked; {n_eval} users.")
              + (f" recfm: `{args.preset}` preset, {args.pretrain_steps} pretraining + "
                 f"{args.tune_steps} tuning steps of batch 8, history {args.max_history} items. " if args.variants else " recfm not run. ")
-             + ("SASRec not run." if args.no_sasrec or args.split != "leave_one_out" else
+             + ("SASRec not run." if not any(k.startswith("sasrec/") for k in raw) else
                 f"SASRec: RecBole 1.2.1 defaults except CE loss, 2 layers, hidden 64, "
                 f"{'/'.join(str(e) for e in sorted({v.get('epochs', args.sasrec_epochs) for k, v in raw.items() if k.startswith('sasrec/')}) or [args.sasrec_epochs])} epochs max with "
                 "early stopping on validation NDCG@10; its test (user, item) pairs were checked equal to recfm's.")
