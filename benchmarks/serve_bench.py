@@ -506,7 +506,9 @@ def recommendations_only(args) -> None:
           f"{len(histories)} real MovieLens histories (each user's last 20 training items), k 10, full ranking over the "
           f"catalogue. id_view_weight 0 asks the prompt alone (one engine request); above 0 the server also asks the "
           f"identifier view of the same history and fuses the two (two engine requests). Each row is the median of "
-          f"{args.repeats} runs, the weights alternating within each.", "",
+          f"{args.repeats} runs, the weights alternating within each. Server arguments: `{args.server_args or 'none'}` "
+          "(with prefix caching on, a repeat finds the previous repeat's prompts cached; `--no-prefix-caching` "
+          "measures the computation).", "",
           markdown_table(["id_view_weight", "requests", "req/s", "latency median ms", "latency p99 ms", "req/s vs weight 0"], rows)]
     write(args.name, "\n".join(md), data)
     print("\n".join(md))
