@@ -234,6 +234,7 @@ def main():
     collected = _collect(args) if args.collect else None
 
     from recfm.data import load_domain
+    from recfm.eval.metrics import paired_test
     from recfm.tokenizers.build import tokenize_domain
 
     domain_dir = Path(args.domain).resolve()
@@ -349,8 +350,6 @@ def main():
         lines += ["", "Per-user NDCG@10 of the seen-template prompt fused with the identifier view (`fused_scores`: the "
                   "prompt's log-probabilities plus the weight times the view's), minus the prompt alone's and minus "
                   "popularity's and minus the identifier view alone's (paired sign-flip test):", ""]
-        from recfm.eval.metrics import paired_test
-
         for k, w, a, b in fused:
             line = (f"- {k} ×{w}: vs the prompt alone {a['mean_diff']:+.4f} (p = {a['p_value']:.4f}); vs popularity "
                     f"{b['mean_diff']:+.4f} (p = {b['p_value']:.4f})")
@@ -362,8 +361,6 @@ def main():
             lines.append(line + f", {a['n']} users")
     vs_sasrec = [(seed, raw[f"sasrec/seed{seed}"]) for seed in args.seeds if "per_user_ndcg" in raw.get(f"sasrec/seed{seed}", {})]
     if vs_sasrec and args.variants:  # SASRec runs that kept each user's rank
-        from recfm.eval.metrics import paired_test
-
         lines += ["", "Per-user NDCG@10 of recfm minus SASRec's at the same seed, on the same test users (paired "
                   "sign-flip test):", ""]
         for seed, sas in vs_sasrec:
@@ -392,8 +389,6 @@ def main():
             lines.append(f"- seed {seed}: best epoch {best + 1} of {len(h)} ({h[best]:.4f}; epoch 1: {h[0]:.4f}){tail}; "
                          f"{s.get('torch_threads', '?')} torch thread(s){check}")
     if len(args.variants) > 1:  # every variant against the first, same seed, same users
-        from recfm.eval.metrics import paired_test
-
         lines += ["", f"Per-user NDCG@10 of each variant minus {args.variants[0]}'s (seen template, and the identifier view "
                   "and the fusion where both have them; same seed, paired sign-flip test):", ""]
         for seed in args.seeds:

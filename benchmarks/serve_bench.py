@@ -131,6 +131,11 @@ async def run_recs(url: str, model: str, histories: list[list[str]], concurrency
     return summarize(res, wall)
 
 
+def median_run(rs: list[dict]) -> dict:
+    """Of repeated runs of one workload, the run with the median requests/s."""
+    return sorted(rs, key=lambda r: r["req_s"])[len(rs) // 2]
+
+
 # --- the server process --------------------------------------------------------------------------
 
 
@@ -375,14 +380,11 @@ def main() -> None:
                     record(f"generate static batch {b}|mixed|{b}", hf_static(model, mixed, b))
         del model
 
-    def median_run(rs: list[dict]) -> dict:
-        return sorted(rs, key=lambda r: r["req_s"])[len(rs) // 2] | {"repeats_output_tok_s": [r["output_tok_s"] for r in rs]}
-
     data["server"] = {"startup_s": statistics.median(startups), "peak_rss_mib": max(peaks) if peaks else float("nan")}
     if peer_startups:
         data["vllm"] = {"startup_s": statistics.median(peer_startups), "peak_rss_mib": max(peer_peaks)}
     for key, rs in runs.items():
-        r = median_run(rs)
+        r = median_run(rs) | {"repeats_output_tok_s": [x["output_tok_s"] for x in rs]}
         data["results"][key] = r
         system, workload, c = key.split("|")
         if workload == "recommendations":
@@ -494,7 +496,7 @@ def recommendations_only(args) -> None:
         peak = server.peak_rss_mib()
     finally:
         server.stop()
-    res = {f"{w:g}": sorted(rs, key=lambda r: r["req_s"])[len(rs) // 2] for w, rs in runs.items()}
+    res = {f"{w:g}": median_run(rs) for w, rs in runs.items()}
     base = res.get("0")
     rows = [[w, r["requests"], r["req_s"], r["latency_s"]["median"] * 1e3, r["latency_s"]["p99"] * 1e3,
              r["req_s"] / base["req_s"] if base else float("nan")] for w, r in res.items()]

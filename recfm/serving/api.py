@@ -297,9 +297,8 @@ def build_app(service: Service, api_key: str | None = None, max_waiting: int = 2
             constrain = body.constrain or ("item" if body.allowed_items is not None or body.exclude_seen else None)
             view = None
             if constrain == "item":
-                exclude = mentioned if body.exclude_seen else []
-                service.item_params(params, body.allowed_items, exclude)
-                view = service.item_answer_view(mentioned, body.allowed_items, exclude, body.id_view_weight)
+                service.item_params(params, body.allowed_items, mentioned if body.exclude_seen else [])
+                view = service.item_answer_view(mentioned, body.allowed_items, body.exclude_seen, body.id_view_weight)
             elif constrain == "image":
                 service.image_params(params)
         except BadInput as e:

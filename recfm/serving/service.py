@@ -203,17 +203,10 @@ class Service:
             raise ValueError("semantic ids are scored outside the engine: use recommend()")
         weight = self.id_view_weight(id_view_weight, template)
         prompt, excluded, allowed = self._ranking_request(history, exclude_seen, allowed_items, template)
-
-        @torch.no_grad()
-        def scorer(hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-            if cfg.item_mode == "atomic":
-                return logits[cfg.item_token_offset : cfg.item_token_offset + cfg.n_items].float()
-            return (self.model.item_head(hidden) @ self.catalogue_vectors().T).float()
-
-        requests = [(prompt, scorer)]
+        requests = [(prompt, self._scorer)]
         if weight:
             view, _, _ = self._ranking_request(history, exclude_seen, allowed_items, ID_SEQUENCE)
-            requests.append((view, scorer))
+            requests.append((view, self._scorer))
 
         def finish(scores: list[torch.Tensor]) -> list[tuple[str, float]]:
             if weight:  # normalised over the items that can be answered, as eval's fusion
@@ -223,7 +216,16 @@ class Service:
 
         return requests, finish
 
-    def item_answer_view(self, mentioned: list[str], allowed_items: list[str] | None, exclude: list[str],
+    @torch.no_grad()
+    def _scorer(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """A ranking request's answer position as scores of the whole catalogue (atomic ids: the item
+        tokens' logits; content ids: the ranking head against every item's content vector)."""
+        cfg = self.model.config
+        if cfg.item_mode == "atomic":
+            return logits[cfg.item_token_offset : cfg.item_token_offset + cfg.n_items].float()
+        return (self.model.item_head(hidden) @ self.catalogue_vectors().T).float()
+
+    def item_answer_view(self, mentioned: list[str], allowed_items: list[str] | None, exclude_seen: bool,
                          id_view_weight: float | None = None):
         """For a chat answer constrained to one item: None where nothing is fused (weight 0, no items
         mentioned, or ids other than atomic, where an item is more than one token); else (request,
@@ -239,16 +241,14 @@ class Service:
         weight = self.id_view_weight(id_view_weight, "chat") if cfg.item_mode == "atomic" else 0.0
         if not weight or not mentioned:
             return None
-        (request,), _ = self.recommend_request(mentioned, exclude_seen=False, template=ID_SEQUENCE)
-        excluded = [self.tok.items.index(i) for i in dict.fromkeys(exclude)]
-        allowed = None if allowed_items is None else torch.tensor([self.tok.items.index(i) for i in allowed_items])
+        view, excluded, allowed = self._ranking_request(mentioned, exclude_seen, allowed_items, ID_SEQUENCE)
 
         def to_bias(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            view = _masked(scores, excluded, allowed).log_softmax(-1)
-            keep = torch.isfinite(view).nonzero().flatten()  # the rest are masked out by the constraint
-            return keep + cfg.item_token_offset, weight * view[keep]
+            lp = _masked(scores, excluded, allowed).log_softmax(-1)
+            keep = torch.isfinite(lp).nonzero().flatten()  # the rest are masked out by the constraint
+            return keep + cfg.item_token_offset, weight * lp[keep]
 
-        return request, to_bias
+        return (view, self._scorer), to_bias
 
     def id_view_weight(self, asked: float | None, template: str) -> float:
         """The identifier view's weight in a ranking asked with `template`: 0 for the view itself and
