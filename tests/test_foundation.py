@@ -791,3 +791,30 @@ def test_item_residual_dropout_reads_some_items_from_content_alone_in_training_o
         alone = torch.isclose(dropped, content, atol=1e-6).all(1)
         kept = torch.isclose(dropped, full, atol=1e-6).all(1)
     assert bool((alone | kept).all()) and 140 < int(alone.sum()) < 260  # about half, each item all or nothing
+
+
+def test_hidden_dropout_drops_the_input_and_each_branch_in_training_only(world):
+    model = make_model(world)
+    batch = without(training_batch(world, model, "atomic", n=4), "labels")
+    model.eval()
+    with torch.no_grad():
+        plain = model(**batch).logits
+        model.config.hidden_dropout = 0.3
+        assert torch.equal(model(**batch).logits, plain)  # eval: no dropout whatever the rate
+        model.train()
+        a, b = model(**batch).logits, model(**batch).logits
+    assert not torch.allclose(a, plain) and not torch.allclose(a, b)  # two training passes drop different units
+    # each residual branch's output is dropped: zeros where dropped, the rest scaled by 1 / (1 - p)
+    layer = model.model.language_model.layers[0]
+    x = torch.randn(2, 5, model.config.text_config.hidden_size)
+    with torch.no_grad():
+        model.eval()
+        ref = layer.mlp(x)
+        model.train()
+        out = layer.mlp(x)
+    dropped = out == 0
+    assert 0.15 < float(dropped.float().mean()) < 0.45
+    assert torch.allclose(out[~dropped], ref[~dropped] / 0.7, atol=1e-5)
+    model.config.hidden_dropout = 0.0
+    with torch.no_grad():
+        assert torch.equal(layer.mlp(x), ref)  # rate 0: training passes are exact

@@ -85,6 +85,8 @@ def test_bad_config_is_a_clear_error(tmp_path):
         TrainConfig.load(None, stage="fly", domain="x", tokenizers="y")
     with pytest.raises(ValueError, match="item_layout must be"):
         TrainConfig.load(None, stage="tune", domain="x", tokenizers="y", item_layout="sideways")
+    with pytest.raises(ValueError, match=r"hidden_dropout must be in \[0, 1\), got 1.0"):
+        TrainConfig.load(None, stage="pretrain", domain="x", tokenizers="y", hidden_dropout=1.0)
 
 
 def _cli(args, **kw):

@@ -73,6 +73,9 @@ class RecFMConfig(PreTrainedConfig):
     img_end_id: int = -1
     # losses
     focal_gamma: float = 0.0
+    # training only: dropout on the decoder's input vectors and on each attention and MLP output before its
+    # residual add (SASRec's regularisation; the Llama decoder has none of its own)
+    hidden_dropout: float = 0.0
     context_loss_weight: float = 0.0
     contrastive_loss_weight: float = 0.0
     contrastive_temperature: float = 0.07

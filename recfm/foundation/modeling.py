@@ -164,6 +164,9 @@ class RecFMModel(RecFMPreTrainedModel):
         self._xattn_ctx: tuple[torch.Tensor, torch.Tensor] | None = None
         for i in self.cross_attn:
             self.language_model.layers[int(i)].register_forward_pre_hook(partial(self._xattn_hook, i), with_kwargs=True)
+        for layer in self.language_model.layers:  # hidden_dropout on each residual branch's output
+            layer.self_attn.register_forward_hook(self._branch_dropout)
+            layer.mlp.register_forward_hook(self._branch_dropout)
         self.item_encoder = None
         if config.item_mode == "content":
             if config.n_items < 1:
@@ -310,6 +313,14 @@ class RecFMModel(RecFMPreTrainedModel):
 
     # --- the forward pass -----------------------------------------------------------------------
 
+    def _branch_dropout(self, module, args, output):
+        p = self.config.hidden_dropout
+        if not (self.training and p > 0):
+            return None
+        if isinstance(output, tuple):  # attention: (output, weights)
+            return (nn.functional.dropout(output[0], p, True), *output[1:])
+        return nn.functional.dropout(output, p, True)
+
     def _xattn_hook(self, key, module, args, kwargs):
         """Forward pre-hook: cross-attend the decoder layer's input hidden states to the images."""
         if self._xattn_ctx is None:
@@ -355,6 +366,8 @@ class RecFMModel(RecFMPreTrainedModel):
                 self._xattn_ctx = (feats, token_image)
             if self.training and cfg.contrastive_loss_weight > 0:
                 contrastive = self._contrastive(feats, token_embeds, input_ids, token_image)
+        if self.training and cfg.hidden_dropout > 0:
+            inputs_embeds = nn.functional.dropout(inputs_embeds, cfg.hidden_dropout, True)
         try:
             out = self.language_model(input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                       position_ids=position_ids, cache=cache, use_cache=use_cache, **kwargs)

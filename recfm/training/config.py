@@ -70,6 +70,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # --- losses ---
     focal_gamma: float = 0.0  # > 0: focal re-weighting of answer tokens (UniMP)
+    hidden_dropout: float = 0.0  # dropout on the decoder's input vectors and on each attention and MLP output
+    # before its residual add, in this stage's training only (SASRec's regularisation; Llama has none)
     context_loss_weight: float = 0.0  # predict history items' identifiers (pretrain sets 1.0)
     contrastive_loss_weight: float = 0.0  # image-text alignment (pretrain sets 0.1)
     answer_distill: float | None = None  # tune/finetune: weight of a KL term that teaches each next-item prompt's
@@ -159,6 +161,8 @@ class TrainConfig:
             raise ValueError(f"id_view_weight is a weight, >= 0; got {self.id_view_weight}")
         if self.qlora and self.stage != "finetune":
             raise ValueError(f"qlora is a fine-tuning setting (LoRA over a 4-bit base): stage finetune, not {self.stage!r}")
+        if not 0 <= self.hidden_dropout < 1:
+            raise ValueError(f"hidden_dropout must be in [0, 1), got {self.hidden_dropout}")
         if not 0 <= self.item_residual_dropout < 1:
             raise ValueError(f"item_residual_dropout must be in [0, 1), got {self.item_residual_dropout}")
         if self.item_text not in ("tokens", "words", "both"):

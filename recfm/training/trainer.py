@@ -195,7 +195,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     domain = load_domain(cfg.domain)
     split = make_split(domain, cfg.split, cfg.cold_fraction, cfg.cold_seed)
     # the model's training knobs (losses, residual dropout), set on its config whether built or loaded
-    knobs = dict(focal_gamma=cfg.focal_gamma, item_residual_dropout=cfg.item_residual_dropout,
+    knobs = dict(focal_gamma=cfg.focal_gamma, item_residual_dropout=cfg.item_residual_dropout, hidden_dropout=cfg.hidden_dropout,
                  context_loss_weight=cfg.context_loss_weight or (1.0 if cfg.stage == "pretrain" or _replays_id_sequence(cfg)
                                                                  else 0.0),
                  contrastive_loss_weight=cfg.contrastive_loss_weight or (0.1 if cfg.stage == "pretrain" else 0.0))
