@@ -57,7 +57,7 @@ ID_STAGES = {
     # idstage-e3 with SASRec's regularisation: hidden_dropout 0.2 on the decoder's input and each residual
     # branch. Its length is idstage-e3's: on the validation split of seed 0 a 6-pass stage with this dropout gave
     # the identifier view 0.099 / 0.101 / 0.102 / 0.098 / 0.096 / 0.092 after passes 1-6 (idstage-e3 without
-    # dropout: 0.088 after its 3 passes, the same evaluation)
+    # dropout: 0.093 / 0.093 / 0.088 after its passes 1-3, the same evaluation: id_stage_curve_ml-100k_nodropout.md)
     "early-atomic-idstage-e3-drop": ("early-atomic", dict(id_readings=5, epochs=3.0, batch_size=32, lr=1e-3,
                                                           hidden_dropout=0.2), dict(lr=3e-4)),
     # the same stages without any image (the images ablation of the current recipe)
