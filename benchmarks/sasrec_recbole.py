@@ -11,7 +11,9 @@ leave-one-out by time ('LS': valid_and_test, 'TO') and ranks all items with the 
 masked ('full'), and the script checks that RecBole's test (user, item) pairs are exactly recfm's
 before it reports RecBole's metrics.
 
-    python benchmarks/sasrec_recbole.py --domain DIR [--seed 0] [--epochs 50]
+    python benchmarks/sasrec_recbole.py --domain DIR [--seed 0] [--epochs 50] [--work DIR]
+
+With `--work`, the run keeps its state in DIR after every epoch and a rerun after a kill resumes it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 DEFAULT_VENV = Path(os.environ.get("RECFM_RECBOLE_VENV", Path.home() / ".cache" / "recfm" / "recbole-venv"))
 
 RUNNER = r'''
-import json, sys, os
+import json, sys, os, time
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 from recbole.config import Config
 from recbole.data import create_dataset, data_preparation
@@ -51,7 +53,7 @@ cfg = {
     "epochs": epochs, "train_batch_size": 256, "eval_batch_size": 256, "stopping_step": 10,
     "loss_type": "CE", "train_neg_sample_args": None, "MAX_ITEM_LIST_LENGTH": 50,
     "n_layers": 2, "n_heads": 2, "hidden_size": 64, "inner_size": 256, "hidden_dropout_prob": 0.5,
-    "attn_dropout_prob": 0.5, "learning_rate": 0.001, "show_progress": False, "checkpoint_dir": os.path.join(out, "saved"),
+    "attn_dropout_prob": 0.5, "learning_rate": 0.001, "show_progress": False, "checkpoint_dir": out,
 }
 config = Config(model="SASRec", config_dict=cfg)
 init_seed(seed, True)
@@ -59,15 +61,54 @@ dataset = create_dataset(config)
 train_data, valid_data, test_data = data_preparation(config, dataset)
 model = SASRec(config, train_data.dataset).to(config["device"])
 trainer = Trainer(config, model)
-valid_history = []  # validation NDCG@10 after each epoch, to see whether the epoch budget let SASRec converge
-_valid_epoch = trainer._valid_epoch
+# the run keeps its state in `out`, so a killed run resumes where it stopped: `last.pth` after every epoch
+# (RecBole's checkpoint plus the RNG states of dropout and of the training loader's shuffle, so the resumed
+# run is the uninterrupted one), `best.pth` for the best validation epoch, both written to a temp file and
+# renamed; `fit_done` once early stopping or the epoch cap ended training
+last, best, done = (os.path.join(out, f) for f in ("last.pth", "best.pth", "fit_done"))
+trainer.saved_model_file = best
+_save = trainer._save_checkpoint
+def _atomic_best(epoch, verbose=True, **k):
+    _save(epoch, verbose=verbose, saved_model_file=best + ".tmp")
+    os.replace(best + ".tmp", best)
+trainer._save_checkpoint = _atomic_best
+valid_history, train_s = [], 0.0  # validation NDCG@10 after each epoch, to see whether the epoch budget let SASRec converge
+if os.path.exists(last):
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    trainer.resume_checkpoint(last)
+    trainer.saved_model_file = best  # resume_checkpoint points it at the file it read
+    torch.set_rng_state(state["rng"])
+    train_data.generator.set_state(state["loader_rng"])
+    valid_history, train_s = state["valid_history"], state["train_s"]
+    print(f"SASRec seed {seed}: resumed after epoch {state['epoch'] + 1}", flush=True)
+_valid_epoch, _train_epoch = trainer._valid_epoch, trainer._train_epoch
 def _recorded(*a, **k):
     score, res = _valid_epoch(*a, **k)
     valid_history.append(float(score))
     print(f"SASRec seed {seed}: epoch {len(valid_history)}/{epochs}, validation NDCG@10 {score:.4f}", flush=True)
     return score, res
-trainer._valid_epoch = _recorded
-trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+def _timed_and_kept(data, epoch_idx, **k):
+    global train_s
+    if epoch_idx > trainer.start_epoch:  # the previous epoch, early-stopping counters included, is complete
+        state = {"config": trainer.config, "epoch": epoch_idx - 1, "cur_step": trainer.cur_step,
+                 "best_valid_score": trainer.best_valid_score, "state_dict": trainer.model.state_dict(),
+                 "other_parameter": trainer.model.other_parameter(), "optimizer": trainer.optimizer.state_dict(),
+                 "rng": torch.get_rng_state(), "loader_rng": data.generator.get_state(),
+                 "valid_history": valid_history, "train_s": train_s}
+        torch.save(state, last + ".tmp")
+        os.replace(last + ".tmp", last)
+    t0 = time.perf_counter()
+    loss = _train_epoch(data, epoch_idx, **k)
+    train_s += time.perf_counter() - t0
+    return loss
+trainer._valid_epoch, trainer._train_epoch = _recorded, _timed_and_kept
+if not os.path.exists(done):
+    trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    json.dump({"valid_history": valid_history, "train_s": train_s}, open(done + ".tmp", "w"))
+    os.replace(done + ".tmp", done)
+else:
+    finished = json.load(open(done))
+    valid_history, train_s = finished["valid_history"], finished["train_s"]
 result = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
 tds = test_data.dataset
 uid, iid = config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]
@@ -87,7 +128,8 @@ with torch.no_grad():
 json.dump({"metrics": {k: float(v) for k, v in result.items()},
            "test_pairs": sorted([str(u), str(i)] for u, i in zip(users, items)),
            "per_user_rank": ranks, "n_items": int(dataset.item_num - 1),
-           "valid_ndcg@10_by_epoch": valid_history, "torch_threads": torch.get_num_threads()}, open(os.path.join(out, "recbole.json"), "w"))
+           "valid_ndcg@10_by_epoch": valid_history, "train_s": train_s,
+           "torch_threads": torch.get_num_threads()}, open(os.path.join(out, "recbole.json"), "w"))
 '''
 
 
@@ -115,13 +157,19 @@ def export_atomic(domain, folder: Path) -> str:
     return name
 
 
-def run_sasrec(domain_dir: str | Path, seed: int = 0, epochs: int = 50, venv: Path = DEFAULT_VENV) -> dict:
+def run_sasrec(domain_dir: str | Path, seed: int = 0, epochs: int = 50, venv: Path = DEFAULT_VENV,
+               work: str | Path | None = None) -> dict:
+    """SASRec's test metrics and per-user NDCG on the domain's leave-one-out split. With `work`, the run
+    keeps its checkpoints there and a rerun after a kill resumes from the last finished epoch."""
+    import contextlib
+
     from recfm.data import leave_one_out, load_domain
 
     domain = load_domain(domain_dir)
     py = ensure_venv(venv)
-    with tempfile.TemporaryDirectory(prefix="recbole-") as tmp:
+    with (tempfile.TemporaryDirectory(prefix="recbole-") if work is None else contextlib.nullcontext(work)) as tmp:
         tmp = Path(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
         name = export_atomic(domain, tmp)
         (tmp / "runner.py").write_text(RUNNER)
         env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
@@ -152,5 +200,7 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    ap.add_argument("--work", type=Path, default=None,
+                    help="folder to keep the run's checkpoints in; rerunning with it resumes a killed run")
     a = ap.parse_args()
-    print(json.dumps(run_sasrec(a.domain, a.seed, a.epochs, a.venv), indent=2))
+    print(json.dumps(run_sasrec(a.domain, a.seed, a.epochs, a.venv, a.work), indent=2))
