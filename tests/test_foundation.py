@@ -818,3 +818,8 @@ def test_hidden_dropout_drops_the_input_and_each_branch_in_training_only(world):
     model.config.hidden_dropout = 0.0
     with torch.no_grad():
         assert torch.equal(layer.mlp(x), ref)  # rate 0: training passes are exact
+        model.config.hidden_dropout = 0.3
+        model(**batch)
+    assert layer.mlp._forward_hooks and layer.self_attn._forward_hooks
+    model.eval()  # evaluation and serving, which call the language model directly, run without the hooks at all
+    assert not layer.mlp._forward_hooks and not layer.self_attn._forward_hooks

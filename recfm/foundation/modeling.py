@@ -164,9 +164,7 @@ class RecFMModel(RecFMPreTrainedModel):
         self._xattn_ctx: tuple[torch.Tensor, torch.Tensor] | None = None
         for i in self.cross_attn:
             self.language_model.layers[int(i)].register_forward_pre_hook(partial(self._xattn_hook, i), with_kwargs=True)
-        for layer in self.language_model.layers:  # hidden_dropout on each residual branch's output
-            layer.self_attn.register_forward_hook(self._branch_dropout)
-            layer.mlp.register_forward_hook(self._branch_dropout)
+        self._branch_hooks: list = []  # hidden_dropout's hooks, present only while training with a rate above 0
         self.item_encoder = None
         if config.item_mode == "content":
             if config.n_items < 1:
@@ -313,6 +311,23 @@ class RecFMModel(RecFMPreTrainedModel):
 
     # --- the forward pass -----------------------------------------------------------------------
 
+    def _sync_branch_dropout(self) -> None:
+        """hidden_dropout on each residual branch's output (every layer's attention and MLP) is a forward hook
+        registered only while training with a rate above 0, so evaluation and serving run without hooks."""
+        want = self.training and self.config.hidden_dropout > 0
+        if want and not self._branch_hooks:
+            self._branch_hooks = [m.register_forward_hook(self._branch_dropout)
+                                  for layer in self.language_model.layers for m in (layer.self_attn, layer.mlp)]
+        elif not want and self._branch_hooks:
+            for h in self._branch_hooks:
+                h.remove()
+            self._branch_hooks = []
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._sync_branch_dropout()  # eval() drops the hooks even where the language model is called directly (serving)
+        return self
+
     def _branch_dropout(self, module, args, output):
         p = self.config.hidden_dropout
         if not (self.training and p > 0):
@@ -366,6 +381,7 @@ class RecFMModel(RecFMPreTrainedModel):
                 self._xattn_ctx = (feats, token_image)
             if self.training and cfg.contrastive_loss_weight > 0:
                 contrastive = self._contrastive(feats, token_embeds, input_ids, token_image)
+        self._sync_branch_dropout()
         if self.training and cfg.hidden_dropout > 0:
             inputs_embeds = nn.functional.dropout(inputs_embeds, cfg.hidden_dropout, True)
         try:
