@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -87,6 +88,56 @@ def test_bad_config_is_a_clear_error(tmp_path):
         TrainConfig.load(None, stage="tune", domain="x", tokenizers="y", item_layout="sideways")
     with pytest.raises(ValueError, match=r"hidden_dropout must be in \[0, 1\), got 1.0"):
         TrainConfig.load(None, stage="pretrain", domain="x", tokenizers="y", hidden_dropout=1.0)
+
+
+def test_validation_ranks_the_validation_split_and_keeps_the_best_weights(small_default, tuned_run, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from recfm.data import load_domain, make_split
+    from recfm.eval.metrics import ranking_metrics, target_ranks
+    from recfm.eval.runner import LoadedRun, id_view_logprobs
+
+    class Reverse(TrainerCallback):  # after the first validation, reverse every item's score: later ones rank worse
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step == 3:
+                model.lm_head.weight.data.neg_()
+
+    run = train(TrainConfig(stage="tune", domain=str(small_default.path), init_from=str(tuned_run), output=str(tmp_path / "v"),
+                            max_steps=6, id_sequence=4, validation="steps", validation_steps=2, validation_users=30,
+                            keep_best=True, **{**TINY, "save_total_limit": 1}), progress=False, callbacks=[Reverse()])
+    info = json.loads((run / "run.json").read_text())
+    points = info["validation"]
+    assert [p["step"] for p in points] == [2, 4, 6] and all(p["users"] == 30 for p in points)
+    assert all(0 <= p["ndcg@10"] <= p["hr@10"] <= 1 for p in points)
+    assert points[0]["ndcg@10"] > max(p["ndcg@10"] for p in points[1:])
+    assert info["weights_from_step"] == 2
+    # the run ends with the best validation's weights, whose checkpoint outlived the rotation of save_total_limit 1
+    # at steps 4 and 6 (transformers then drops the rest at the end)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2"]
+    state = json.loads((run / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == str(run / "checkpoints" / "checkpoint-2")  # where a resumed run finds it
+    kept = load_file(run / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    final = load_file(run / "model.safetensors")
+    assert all(torch.equal(final[k], kept[k]) for k in kept)
+    assert (run / "loss.png").stat().st_size > 1000
+    # the number is recfm eval's identifier view (full ranking, training items masked) of those weights, on the
+    # seeded sample of 30 validation users
+    domain = load_domain(small_default.path)
+    valid = list(make_split(domain, "leave_one_out").valid)
+    rows = sorted(random.Random(0).sample(valid, 30), key=lambda r: r["user_id"])
+    loaded = LoadedRun(run, domain)
+    view = id_view_logprobs(loaded, rows, {r["user_id"]: list(r["history"]) for r in rows}, 4, progress=False)
+    ranks = target_ranks(torch.stack([view[r["user_id"]] for r in rows]).numpy(),
+                         [loaded.tok.items.index(r["target"]) for r in rows])
+    assert ranking_metrics(ranks.tolist())["ndcg@10"] == pytest.approx(points[0]["ndcg@10"], abs=1e-6)
+    with pytest.raises(ValueError, match="keep_best keeps the weights of the best validation"):
+        TrainConfig.load(None, stage="tune", domain="x", tokenizers="y", keep_best=True)
+    with pytest.raises(ValueError, match="validation: steps needs validation_steps"):
+        TrainConfig.load(None, stage="tune", domain="x", tokenizers="y", validation="steps")
+    with pytest.raises(ValueError, match="split 'cold_items' has none"):
+        TrainConfig.load(None, stage="tune", domain="x", tokenizers="y", validation="epoch", split="cold_items",
+                         item_mode="content")
 
 
 def _cli(args, **kw):

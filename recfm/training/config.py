@@ -107,6 +107,13 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     qlora: bool = False  # finetune: the language model's linear layers frozen as NF4 bitsandbytes weights under the
     # adapters (QLoRA; GPU or CPU), the adapters merged into the original weights at the end
+    # --- choosing the weights on the validation split (SASRec's early stopping, through transformers' Trainer) ---
+    validation: str = "no"  # no | epoch | steps: when to rank the leave-one-out validation split's next items in the
+    # identifier view (NDCG@10 and HR@10, full ranking, the user's training items masked; logged as eval_ndcg@10)
+    validation_steps: int = 0  # validation: steps: every this many steps
+    validation_users: int = 0  # rank this many validation users (a seeded sample, the same at every validation); 0: all
+    keep_best: bool = False  # end with the weights of the validation with the best NDCG@10 instead of the last ones
+    # (needs validation; a checkpoint is then written at each validation and the best one is never rotated away)
     # --- checkpoints and logs ---
     save_steps: int = 200
     save_total_limit: int = 2
@@ -171,6 +178,16 @@ class TrainConfig:
             raise ValueError(f"item_word_min_df must be at least 1, got {self.item_word_min_df}")
         if not 0 < self.cold_fraction < 1:
             raise ValueError(f"cold_fraction must be between 0 and 1, got {self.cold_fraction}")
+        if self.validation not in ("no", "epoch", "steps"):
+            raise ValueError(f"validation must be no, epoch or steps, got {self.validation!r}")
+        if self.validation == "steps" and self.validation_steps < 1:
+            raise ValueError(f"validation: steps needs validation_steps >= 1, got {self.validation_steps}")
+        if self.validation != "no" and self.split != "leave_one_out":
+            raise ValueError(f"validation ranks the leave-one-out validation split; split {self.split!r} has none")
+        if self.keep_best and self.validation == "no":
+            raise ValueError("keep_best keeps the weights of the best validation: set validation to epoch or steps")
+        if self.validation_users < 0:
+            raise ValueError(f"validation_users must be >= 0 (0: all), got {self.validation_users}")
         unknown = set(self.tasks) - set(DEFAULT_TASK_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown task(s) in the mixture: {sorted(unknown)}")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from datasets import concatenate_datasets
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import TrainConfig, use_bf16
@@ -53,8 +54,24 @@ class ShuffledLengthGroupedSampler(torch.utils.data.Sampler):
 
 
 class RecFMTrainer(Trainer):
-    """Trainer whose checkpoints appear atomically: written under .staging, then renamed, and whose
-    batching by length keeps the batch order random (ShuffledLengthGroupedSampler)."""
+    """Trainer whose checkpoints appear atomically: written under .staging, then renamed, whose batching
+    by length keeps the batch order random (ShuffledLengthGroupedSampler), and whose evaluation is a
+    `validator` (validation.IdViewValidation) ranking the validation split."""
+
+    def __init__(self, *args, validator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.validator = validator
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        if self.validator is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        device = next(self.model.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.args.bf16):  # as training runs it
+            found = self.validator(self.model)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in found.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
@@ -82,7 +99,10 @@ class RecFMTrainer(Trainer):
         os.replace(os.path.join(staging, name), final)
         shutil.rmtree(staging, ignore_errors=True)
         if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
+            # this checkpoint is the best validation so far: its saved state must name where it now lies,
+            # so that a resumed run still knows (and keeps) its best checkpoint
             self.state.best_model_checkpoint = final
+            self.state.save_to_json(os.path.join(final, TRAINER_STATE_NAME))
         self._rotate(run_dir)
 
     def _rotate(self, run_dir: str) -> None:
@@ -91,8 +111,10 @@ class RecFMTrainer(Trainer):
             return
         found = sorted((p for p in Path(run_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                        key=lambda p: int(p.name.split("-")[-1]))
-        for old in found[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        best = Path(self.state.best_model_checkpoint).resolve() if self.state.best_model_checkpoint else None
+        for old in found[:-limit]:  # the newest `limit` stay, and the best validation's (keep_best) too
+            if old.resolve() != best:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _examples(cfg: TrainConfig, domain, split):
@@ -172,9 +194,36 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
+    valid = [(h["step"], h["eval_ndcg@10"]) for h in log_history if "eval_ndcg@10" in h]
+    if valid:  # `validation`: the validation split's NDCG@10 on a second axis
+        right = ax.twinx()
+        right.plot(*zip(*valid), marker="o", color="tab:orange")
+        right.set_ylabel("validation NDCG@10", color="tab:orange")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _validation_args(cfg: TrainConfig) -> dict:
+    """TrainingArguments for `validation` / `keep_best`: evaluation (the validator) at each validation, and with
+    keep_best a checkpoint at each one too, the best by NDCG@10 loaded at the end."""
+    if cfg.validation == "no":
+        return {}
+    every = {"eval_strategy": cfg.validation, **({"eval_steps": cfg.validation_steps} if cfg.validation == "steps" else {})}
+    if not cfg.keep_best:
+        return every
+    return {**every, "save_strategy": cfg.validation, **({"save_steps": cfg.validation_steps} if cfg.validation == "steps" else {}),
+            "load_best_model_at_end": True, "metric_for_best_model": "ndcg@10", "greater_is_better": True}
+
+
+def _validation_summary(cfg: TrainConfig, state) -> dict:
+    """run.json's record of the validations: each one's step and metrics, and the weights the run ended with."""
+    if cfg.validation == "no":
+        return {}
+    points = [{"step": h["step"], "epoch": h.get("epoch"), "ndcg@10": h["eval_ndcg@10"], "hr@10": h["eval_hr@10"],
+               "users": h.get("eval_users")} for h in state.log_history if "eval_ndcg@10" in h]
+    kept = (state.best_global_step or state.global_step) if cfg.keep_best else state.global_step
+    return {"validation": points, "weights_from_step": kept}
 
 
 def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None) -> Path:
@@ -267,7 +316,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     steps_per_epoch = math.ceil(len(examples) / (cfg.batch_size * cfg.grad_accum))
-    args = TrainingArguments(
+    args = TrainingArguments(**{**dict(
         output_dir=str(out / CHECKPOINTS), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine", warmup_steps=max(
@@ -277,9 +326,16 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not progress,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         use_cpu=not torch.cuda.is_available(),
-    )
+    ), **_validation_args(cfg)})
+    validator = None
+    if cfg.validation != "no":
+        from .validation import IdViewValidation
+
+        validator = IdViewValidation(split.valid, Collator(collator.ctx, None, mc), tokenizers.items, mc.id_view_length,
+                                     cfg.validation_users, cfg.seed)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "logs")
-    trainer = RecFMTrainer(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=callbacks)
+    trainer = RecFMTrainer(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=callbacks,
+                           eval_dataset=split.valid if validator is not None else None, validator=validator)
     resume = get_last_checkpoint(args.output_dir) if cfg.resume and (out / CHECKPOINTS).exists() else None
     trainer.train(resume_from_checkpoint=resume)
     if not trainer.is_world_process_zero():
@@ -300,6 +356,7 @@ def train(cfg: TrainConfig, progress: bool = True, callbacks: list | None = None
         "vision": mc.vision_config is not None, "examples": len(examples), "dropped_too_long": too_long, "steps": trainer.state.global_step,
         "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
         "train_runtime_s": next((h["train_runtime"] for h in reversed(trainer.state.log_history) if "train_runtime" in h), None),
+        **_validation_summary(cfg, trainer.state),
     }, indent=2) + "\n")
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
     plot_losses(trainer.state.log_history, out / "loss.png")
