@@ -60,6 +60,11 @@ ID_STAGES = {
     # dropout: 0.093 / 0.093 / 0.088 after its passes 1-3, the same evaluation: id_stage_curve_ml-100k_nodropout.md)
     "early-atomic-idstage-e3-drop": ("early-atomic", dict(id_readings=5, epochs=3.0, batch_size=32, lr=1e-3,
                                                           hidden_dropout=0.2), dict(lr=3e-4)),
+    # idstage-e3-drop stopped as SASRec stops: up to 6 passes, the identifier view ranked on the validation split
+    # after each (TrainConfig.validation), the stage ending with the best pass's weights (keep_best) per seed
+    "early-atomic-idstage-e6-drop-best": ("early-atomic", dict(id_readings=5, epochs=6.0, batch_size=32, lr=1e-3,
+                                                               hidden_dropout=0.2, validation="epoch", keep_best=True),
+                                          dict(lr=3e-4)),
     # the same stages without any image (the images ablation of the current recipe)
     "no-images-idstage-e3": ("no-images", dict(id_readings=5, epochs=3.0, batch_size=32, lr=1e-3), dict(lr=3e-4)),
 }
@@ -75,6 +80,7 @@ TUNE_VARIANTS = {
     "early-atomic-idstage-e3-distill-t1": ("early-atomic-idstage-e3", dict(answer_distill=1.0, seed=1)),
     "no-images-idstage-e3-distill": ("no-images-idstage-e3", dict(answer_distill=1.0)),
     "early-atomic-idstage-e3-drop-distill": ("early-atomic-idstage-e3-drop", dict(answer_distill=1.0)),
+    "early-atomic-idstage-e6-drop-best-distill": ("early-atomic-idstage-e6-drop-best", dict(answer_distill=1.0)),
 }
 for _v, (_base, _, _) in ID_STAGES.items():
     VARIANTS[_v] = VARIANTS[_base]
