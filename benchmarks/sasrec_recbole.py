@@ -104,7 +104,8 @@ def _timed_and_kept(data, epoch_idx, **k):
 trainer._valid_epoch, trainer._train_epoch = _recorded, _timed_and_kept
 if not os.path.exists(done):
     trainer.fit(train_data, valid_data, saved=True, show_progress=False)
-    json.dump({"valid_history": valid_history, "train_s": train_s}, open(done + ".tmp", "w"))
+    with open(done + ".tmp", "w") as f:
+        json.dump({"valid_history": valid_history, "train_s": train_s}, f)
     os.replace(done + ".tmp", done)
 else:
     finished = json.load(open(done))

@@ -9,11 +9,11 @@ best NDCG@10 and ends with its weights. The test split is never read.
 
 from __future__ import annotations
 
-import math
 import random
 
 import torch
 
+from ..eval.metrics import ranking_metrics
 from ..instructions.chat import id_sequence_prompt
 
 
@@ -52,6 +52,5 @@ class IdViewValidation:
                 ranks += (scores > target[:, None]).sum(1).tolist()  # ties count in the target's favour, as recfm eval
         finally:
             model.train(was_training)
-        n = len(ranks)
-        return {"ndcg@10": sum(1 / math.log2(r + 2) for r in ranks if r < 10) / n,
-                "hr@10": sum(r < 10 for r in ranks) / n, "users": n}
+        m = ranking_metrics(ranks)  # recfm eval's definitions
+        return {"ndcg@10": m["ndcg@10"], "hr@10": m["hr@10"], "users": len(ranks)}
