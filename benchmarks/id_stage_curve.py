@@ -4,8 +4,9 @@ leave-one-out validation split, full ranking, history masked) after each pass, p
     python benchmarks/id_stage_curve.py --domain DIR --init PRETRAINED_RUN --dropouts 0 0.2 --epochs 6 [--seed 0]
 
 Each dropout trains one stage (the settings of recommend_bench's idstage variants: 5 shifted readings
-per sequence, batch 32, lr 1e-3) from the same pretrained run; runs go under --work, never into the
-repository. Writes benchmarks/results/<name>.md/.json/.png with the machine and every setting.
+per sequence, batch 32, lr 1e-3) from the same pretrained run, validated after each pass by the stage
+itself (`validation: epoch`); runs go under --work, never into the repository. Writes
+benchmarks/results/<name>.md/.json/.png with the machine and every setting.
 """
 
 from __future__ import annotations
@@ -15,48 +16,32 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, markdown_table, write  # noqa: E402
 
 
-def curve(domain_dir: Path, init: Path, out: Path, dropout: float, epochs: float, seed: int, length: int) -> dict:
-    import torch
-    from transformers import TrainerCallback
+def curve(domain_dir: Path, init: Path, out: Path, dropout: float, epochs: float, seed: int) -> dict:
+    """One identifier-only stage, validated after each pass by the stage itself (TrainConfig.validation,
+    the identifier view ranked on the validation split); its points come back from the run's run.json."""
+    import json
 
-    from recfm.data import load_domain, make_split
-    from recfm.eval import metrics as M
-    from recfm.eval.runner import LoadedRun, id_view_logprobs
     from recfm.training import TrainConfig, train
 
-    domain = load_domain(domain_dir)
-    valid = list(make_split(domain, "leave_one_out").valid)
-    masked = {e["user_id"]: list(e["history"]) for e in valid}
-    run = LoadedRun(init, domain)  # its tokenizers and context; the model scored is the one in training
-    targets = np.asarray([run.tok.items.index(e["target"]) for e in valid])
-    points = []
-
-    class PerPass(TrainerCallback):
-        def on_epoch_end(self, args, state, control, model=None, **kw):
-            model.eval()
-            run.model = model
-            with torch.autocast("cpu", dtype=torch.bfloat16):  # as training runs it
-                view = id_view_logprobs(run, valid, masked, length, 64, progress=False)
-            m = M.ranking_metrics(M.target_ranks(torch.stack([view[e["user_id"]] for e in valid]).numpy(), targets).tolist())
-            points.append({"pass": round(state.epoch, 2), "ndcg@10": m["ndcg@10"], "hr@10": m["hr@10"]})
-            print(f"hidden_dropout {dropout}: pass {state.epoch:g}, validation NDCG@10 {m['ndcg@10']:.4f} "
-                  f"HR@10 {m['hr@10']:.4f}", flush=True)
-            model.train()
-
     t0 = time.perf_counter()
-    train(TrainConfig(stage="pretrain", init_from=str(init), output=str(out), pretrain_history=False, id_readings=5,
-                      epochs=epochs, batch_size=32, lr=1e-3, hidden_dropout=dropout, domain=str(domain_dir), seed=seed,
-                      max_history=20, max_tokens=1024, logging_steps=20, save_steps=10_000),
-          progress=False, callbacks=[PerPass()])
-    return {"hidden_dropout": dropout, "points": points, "train_s": time.perf_counter() - t0, "users": len(valid)}
+    run = train(TrainConfig(stage="pretrain", init_from=str(init), output=str(out), pretrain_history=False, id_readings=5,
+                            epochs=epochs, batch_size=32, lr=1e-3, hidden_dropout=dropout, domain=str(domain_dir),
+                            seed=seed, max_history=20, max_tokens=1024, logging_steps=20, save_steps=10_000,
+                            validation="epoch"),
+                progress=False)
+    info = json.loads((run / "run.json").read_text())
+    points = [{"pass": round(p["epoch"], 2), "ndcg@10": p["ndcg@10"], "hr@10": p["hr@10"]} for p in info["validation"]]
+    for p in points:
+        print(f"hidden_dropout {dropout}: pass {p['pass']:g}, validation NDCG@10 {p['ndcg@10']:.4f} "
+              f"HR@10 {p['hr@10']:.4f}", flush=True)
+    return {"hidden_dropout": dropout, "points": points, "train_s": time.perf_counter() - t0,
+            "users": info["validation"][0]["users"] if info["validation"] else 0}
 
 
 def main() -> None:
@@ -74,7 +59,7 @@ def main() -> None:
     from recfm.foundation import RecFMConfig
 
     length = RecFMConfig.from_pretrained(args.init).id_view_length or 50
-    runs = [curve(args.domain, args.init, args.work / f"drop{d:g}-s{args.seed}", d, args.epochs, args.seed, length)
+    runs = [curve(args.domain, args.init, args.work / f"drop{d:g}-s{args.seed}", d, args.epochs, args.seed)
             for d in args.dropouts]
     from recfm.data import load_domain
 
@@ -89,7 +74,8 @@ def main() -> None:
     md = (f"# Identifier-only stage, validation curve\n\nThe identifier view (newest {length} history items) after each "
           f"pass of an identifier-only stage from `{args.init.name}`: NDCG@10 on the leave-one-out validation split "
           f"(each user's second-to-last item), full ranking, history masked, {runs[0]['users']} users; "
-          f"learning rate 1e-3 (5 % warm-up, then linear decay to 0) over {args.epochs:g} passes, seed {args.seed}.\n\n"
+          f"learning rate 1e-3 (5 % warm-up, then linear decay to 0) over {args.epochs:g} passes, seed {args.seed}. "
+          f"The stage validates itself (`validation: epoch`, recfm.training.validation); train (s) includes it.\n\n"
           + markdown_table(["stage", *[f"pass {k:g}" for k in passes], "train (s)"], rows)
           + f"\n\nMachine: {json.dumps(machine())}\nSettings: {json.dumps(settings)}\n")
     path = write(name, md, {"runs": runs, "machine": machine(), "settings": settings})
