@@ -90,12 +90,12 @@ def _recorded(*a, **k):
 def _timed_and_kept(data, epoch_idx, **k):
     global train_s
     if epoch_idx > trainer.start_epoch:  # the previous epoch, early-stopping counters included, is complete
-        state = {"config": trainer.config, "epoch": epoch_idx - 1, "cur_step": trainer.cur_step,
-                 "best_valid_score": trainer.best_valid_score, "state_dict": trainer.model.state_dict(),
-                 "other_parameter": trainer.model.other_parameter(), "optimizer": trainer.optimizer.state_dict(),
-                 "rng": torch.get_rng_state(), "loader_rng": data.generator.get_state(),
-                 "valid_history": valid_history, "train_s": train_s}
-        torch.save(state, last + ".tmp")
+        # RecBole's own checkpoint (whatever keys its version writes), then the runner's state added to it
+        _save(epoch_idx - 1, verbose=False, saved_model_file=last + ".tmp")
+        state = torch.load(last + ".tmp", map_location="cpu", weights_only=False)
+        state.update(rng=torch.get_rng_state(), loader_rng=data.generator.get_state(), valid_history=valid_history,
+                     train_s=train_s)
+        torch.save(state, last + ".tmp", pickle_protocol=4)
         os.replace(last + ".tmp", last)
     t0 = time.perf_counter()
     loss = _train_epoch(data, epoch_idx, **k)
