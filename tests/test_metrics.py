@@ -99,7 +99,7 @@ def test_content_profile_baseline_by_hand():
     (b first, catalogue order), c 0, and a itself is masked."""
     from types import SimpleNamespace
 
-    from recfm.eval.runner import content_profile_ranks
+    from recfm.eval.baselines import content_profile_ranks
 
     texts = {"a": "Red apple", "b": "red car", "c": "blue sky", "d": "green APPLE"}
     domain = SimpleNamespace(items=[{"item_id": i, "title": t, "text": None} for i, t in texts.items()])
