@@ -1,8 +1,11 @@
-"""Explanation and review generation, and rating prediction, on Amazon reviews: recfm against the
-retrieval baseline (the training review most similar to the request) and the user/item mean rating.
+"""Explanation and review generation, and rating prediction, on Amazon reviews: recfm against two
+retrieval baselines (the item's training review most similar to the user's own reviews; the item's
+latest training review) and the user/item mean rating.
 
     python benchmarks/text_bench.py [--input ../shared/data/amazon-musical-instruments-5core]
-        [--seeds 0] [--pretrain-steps N --tune-steps N --max-users N] [--name STEM]
+        [--seeds 0] [--pretrain-steps N --tune-steps N --max-users N] [--name STEM] [--baselines-only]
+
+--baselines-only scores the baselines on the same requests without training a model (seconds).
 
 Leave-one-out by time; the test review of each user is the reference. The converted domain, the
 tokenizers and the runs go under --work (default ~/.cache/recfm/bench), never into the repository.
@@ -41,6 +44,7 @@ def main():
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "recfm" / "bench")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--name", help="result file stem (default text_<domain>)")
+    ap.add_argument("--baselines-only", action="store_true", help="score only the baselines, on the same requests")
     args = ap.parse_args()
     data_dir = amazon_domain(args.input)
 
@@ -55,7 +59,9 @@ def main():
     raw: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "runs": {}}
     rows = []
     baselines = None
-    for seed in args.seeds:
+    if args.baselines_only:
+        baselines = baselines_only(data_dir, args)
+    for seed in [] if args.baselines_only else args.seeds:
         common = dict(domain=str(data_dir), preset=args.preset, seed=seed, batch_size=8, logging_steps=20,
                       save_steps=10_000, max_history=args.max_history, max_tokens=1024)
         t0 = time.perf_counter()
@@ -81,22 +87,26 @@ def main():
                 if m:
                     rows.append((f"recfm {task} ({which.replace('_', '-')} template)", seed, task, m))
     for task in ("explanation", "review"):
-        if baselines and f"{task}_retrieval" in baselines:
-            rows.append((f"retrieval {task} (most similar training review)", "-", task, baselines[f"{task}_retrieval"]))
+        for key, label in (("retrieval", "most similar review of the item"), ("item_latest", "latest review of the item")):
+            if baselines and f"{task}_{key}" in baselines:
+                rows.append((f"retrieval {task} ({label})", "-", task, baselines[f"{task}_{key}"]))
     if baselines and "rating_user_item_mean" in baselines:
         rows.append(("user/item mean rating", "-", "rating", baselines["rating_user_item_mean"]))
     machine = machine_info()
-    raw["machine"] = machine
+    raw["machine"], raw["baselines"] = machine, baselines
     from recfm.data import load_domain
 
     domain = load_domain(data_dir)
     lines = [f"# Text generation and rating prediction on {domain.name}", "",
              f"Leave-one-out test (each user's last review), the first {args.max_users} test users, first seen and first "
-             f"held-out template per task. recfm: `{args.preset}` preset, text only (the data has no images), "
-             f"{args.pretrain_steps} pretraining + {args.tune_steps} tuning steps of batch 8 over explanation, review and "
-             f"rating, history {args.max_history} items, greedy answers of at most 48 tokens. BLEU-4 (sacrebleu) and "
-             "ROUGE (rouge-score) in percent of the whole test review; the retrieval baseline answers with the training "
-             "review most similar to the request, in full. Rating: the expected value over the digits 1-5.", "",
+             f"held-out template per task. "
+             + ("Baselines only: no model was trained. " if args.baselines_only else
+                f"recfm: `{args.preset}` preset, text only (the data has no images), {args.pretrain_steps} pretraining "
+                f"+ {args.tune_steps} tuning steps of batch 8 over explanation, review and rating, history "
+                f"{args.max_history} items, greedy answers of at most 48 tokens. ")
+             + "BLEU-4 (sacrebleu) and ROUGE (rouge-score) in percent of the whole test review. Retrieval answers with a training review of the "
+             "requested item by another user, in full: the one most similar to the user's own training reviews (TF-IDF "
+             "cosine), or the latest. Rating: the expected value over the digits 1-5.", "",
              "| system | seed | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-L | RMSE | MAE |", "|---|---|---|---|---|---|---|---|"]
     for name, seed, task, m in rows:
         cells = [f"{m[k]:.2f}" if k in m else "" for k in TEXT_METRICS] + [f"{m[k]:.3f}" if k in m else "" for k in ("rmse", "mae")]
@@ -109,6 +119,26 @@ def main():
     print("\n".join(lines))
 
 
+def baselines_only(data_dir: Path, args) -> dict:
+    """The baselines on the requests `evaluate` would score (first seen and held-out template, the first
+    --max-users test users, seed 0's draws), without a model."""
+    from recfm.data import load_domain, make_split
+    from recfm.eval.baselines import bias_rating_baseline
+    from recfm.eval.metrics import mae, rmse
+    from recfm.eval.runner import eval_rows, review_baselines
+
+    domain = load_domain(data_dir)
+    split = make_split(domain, "leave_one_out")
+    by_task = eval_rows(domain, split, "test", list(TASKS), args.max_users, args.seeds[0])
+    out = {}
+    for task in ("explanation", "review"):
+        out.update(review_baselines(split, task, by_task[task]))
+    truth = [float(r["answer"]) for r in by_task["rating"]]
+    base = bias_rating_baseline(split, by_task["rating"])
+    out["rating_user_item_mean"] = {"rmse": rmse(base, truth), "mae": mae(base, truth)}
+    return out
+
+
 def plot(rows, out: Path, name: str) -> None:
     import matplotlib
 
@@ -117,7 +147,7 @@ def plot(rows, out: Path, name: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     text = [(n, m) for n, _, t, m in rows if t != "rating"]
-    labels = [n.replace(" template", "").replace(" (most similar training review)", "") for n, _ in text]
+    labels = [n.replace(" template", "").replace(" review of the item", "") for n, _ in text]
     for k, metric in enumerate(("bleu4", "rougeL")):
         axes[0].barh([y + 0.4 * k for y in range(len(text))], [m.get(metric, 0) for _, m in text], height=0.4,
                      label=metric)

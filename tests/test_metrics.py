@@ -107,3 +107,29 @@ def test_content_profile_baseline_by_hand():
     assert content_profile_ranks(domain, rows, list(texts)) == [0, 2, 1]
     ranks, within = content_profile_ranks(domain, rows, list(texts), among=[2, 3])
     assert ranks == [0, 2, 1] and within == [0, 1, 0]  # among c and d alone (b is not one of them)
+
+
+def test_review_retrieval_baselines_by_hand():
+    """Item x has two other users' reviews: u2's, the latest, shares no word with u1's reviews; u3's shares
+    'warm' and 'sound'. The similar baseline answers u1 with u3's and the latest baseline with u2's; a user
+    with no words in common with either (u4) gets the latest; an item nobody else reviewed (y) is answered
+    from every other user's review."""
+    from types import SimpleNamespace
+
+    from recfm.eval.baselines import latest_item_review_baseline, similar_review_baseline
+
+    train = [
+        {"user_id": "u1", "item_ids": ["a", "y"], "timestamps": [1, 2], "reviews": ["warm sound here", None]},
+        {"user_id": "u2", "item_ids": ["z", "x"], "timestamps": [1, 5], "reviews": ["bright amp", "loud and bright"]},
+        {"user_id": "u3", "item_ids": ["x"], "timestamps": [3], "reviews": ["warm mellow sound"]},
+        {"user_id": "u4", "item_ids": ["b"], "timestamps": [4], "reviews": ["cheap case"]},
+    ]
+    split = SimpleNamespace(train=train)
+    rows = [{"user_id": "u1", "target": "x"}, {"user_id": "u4", "target": "x"}, {"user_id": "u1", "target": "y"},
+            {"user_id": "u9", "target": "x"}]
+    assert similar_review_baseline(split, rows) == ["warm mellow sound", "loud and bright", "warm mellow sound",
+                                                    "loud and bright"]
+    # y has no training review: the most common review (all once here: the first)
+    assert latest_item_review_baseline(split, rows) == ["loud and bright", "loud and bright", "warm sound here",
+                                                        "loud and bright"]
+    assert similar_review_baseline(SimpleNamespace(train=[]), rows[:1]) == [""]

@@ -1,6 +1,6 @@
 """Baselines that need no training, scored on the same split and rows as the model: popularity and a
 TF-IDF content profile (next item, full ranking with the history masked), the user/item bias rating
-model, and a retrieved training review.
+model, and two retrieved training reviews (the most similar to the request; the item's latest).
 """
 
 from __future__ import annotations
@@ -74,15 +74,51 @@ def bias_rating_baseline(split, rows: list[dict]) -> list[float]:
     return [float(np.clip(mu + bu.get(r["user_id"], 0.0) + bi.get(r["target"], 0.0), 1, 5)) for r in rows]
 
 
-def retrieval_review_baseline(split, rows: list[dict]) -> list[str]:
-    """The most recent training review of the same item by another user, else the most common review."""
+def _training_reviews(split) -> list[tuple[str, str, int, str]]:
+    """Every non-empty training review as (user, item, time, text), in the split's order."""
+    return [(s["user_id"], i, t, rv) for s in split.train for i, t, rv in zip(s["item_ids"], s["timestamps"], s["reviews"])
+            if rv]
+
+
+def similar_review_baseline(split, rows: list[dict]) -> list[str]:
+    """The retrieval baseline of explanation and review generation: for each request (a user, an item), the
+    training review of that item by another user whose words are most like the user's own training reviews
+    (cosine of TF-IDF vectors, binary term frequency, words of two or more reviews; the user's profile is
+    the sum of their reviews' vectors). Ties go to the most recent review. An item with no other user's
+    training review searches every other user's review; a user with no review gets the item's latest."""
+    from ..tokenizers.words import WordVocabulary
+
+    reviews = _training_reviews(split)
+    if not reviews:
+        return [""] * len(rows)
+    vocab = WordVocabulary.from_texts([rv for *_, rv in reviews], min_df=2)
+    vectors = [dict(zip(*vocab.encode(rv, len(vocab)))) for *_, rv in reviews]  # L2-normalised
+    by_item, by_user = defaultdict(list), defaultdict(list)
+    for k, (u, i, _, _) in enumerate(reviews):
+        by_item[i].append(k)
+        by_user[u].append(k)
+    out = []
+    for r in rows:
+        user = r["user_id"]
+        profile: Counter = Counter()
+        for k in by_user.get(user, []):
+            profile.update(vectors[k])
+        candidates = ([k for k in by_item.get(r["target"], []) if reviews[k][0] != user]
+                      or [k for k, rv in enumerate(reviews) if rv[0] != user] or range(len(reviews)))
+        best = max(candidates, key=lambda k: (sum(w * profile.get(j, 0.0) for j, w in vectors[k].items()),
+                                              reviews[k][2], -k))
+        out.append(reviews[best][3])
+    return out
+
+
+def latest_item_review_baseline(split, rows: list[dict]) -> list[str]:
+    """The most recent training review of the same item, else the most common review (a weaker retrieval
+    baseline that ignores who asks)."""
     latest: dict[str, tuple[int, str]] = {}
     every = Counter()
-    for s in split.train:
-        for i, t, rv in zip(s["item_ids"], s["timestamps"], s["reviews"]):
-            if rv:
-                every[rv] += 1
-                if i not in latest or t > latest[i][0]:
-                    latest[i] = (t, rv)
+    for _, i, t, rv in _training_reviews(split):
+        every[rv] += 1
+        if i not in latest or t > latest[i][0]:
+            latest[i] = (t, rv)
     fallback = every.most_common(1)[0][0] if every else ""
     return [latest.get(r["target"], (0, fallback))[1] for r in rows]

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from ..foundation.generation import fused_scores
 from . import metrics as M
-from .baselines import bias_rating_baseline, content_profile_ranks, popularity_ranks, retrieval_review_baseline
+from .baselines import (bias_rating_baseline, content_profile_ranks, latest_item_review_baseline, popularity_ranks,
+                        similar_review_baseline)
 
 
 class LoadedRun:
@@ -241,6 +242,34 @@ def _cold_settings(run_dir: Path) -> dict:
     return trained
 
 
+def eval_rows(domain, split, stage: str, tasks, max_users: int | None, seed: int, templates: str = "first"):
+    """The evaluation prompts by task (`build_eval_examples`); templates "first": the first seen and the first
+    held-out template of each task only."""
+    from ..instructions.examples import build_eval_examples
+
+    rows = list(build_eval_examples(domain, split, stage=stage, tasks=tasks, max_users=max_users, seed=seed))
+    if templates == "first":
+        keep = {}
+        for r in rows:
+            keep.setdefault((r["task"], r["held_out"]), r["template_id"])
+        rows = [r for r in rows if keep[(r["task"], r["held_out"])] == r["template_id"]]
+    by_task = defaultdict(list)
+    for r in rows:
+        by_task[r["task"]].append(r)
+    return by_task
+
+
+def review_baselines(split, task: str, rows: list[dict]) -> dict:
+    """BLEU-4 and ROUGE of the two retrieval baselines on a text task's rows: `<task>_retrieval` (the most
+    similar training review) and `<task>_item_latest` (the item's latest)."""
+    refs = [r["answer"] for r in rows]
+    out = {}
+    for name, baseline in (("retrieval", similar_review_baseline), ("item_latest", latest_item_review_baseline)):
+        base = baseline(split, rows)
+        out[f"{task}_{name}"] = {"bleu4": M.bleu4(base, refs), **M.rouge(base, refs)}
+    return out
+
+
 def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str = "test", max_users: int | None = None,
              templates: str = "first", batch_size: int = 16, seed: int = 0, progress: bool = True,
              quantization: str = "none", split: str = "leave_one_out", id_view_weight=None) -> dict:
@@ -252,7 +281,7 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
     fused with it (`fused_scores`) at `id_view_weight` (a number or a list; None: the run's own
     `id_view_weight`, where it is above 0) under `next_item_fused`."""
     from ..data import load_domain, make_split
-    from ..instructions.examples import TASKS, build_eval_examples
+    from ..instructions.examples import TASKS
 
     domain = load_domain(domain_dir)
     split_name = split
@@ -270,16 +299,7 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
         tasks = [t for t in tasks if t != "image_generation"]
     if run.model.config.vision_config is None:
         tasks = [t for t in tasks if t != "which_image"]
-    ev = build_eval_examples(domain, split, stage=stage, tasks=tasks, max_users=max_users, seed=seed)
-    rows = list(ev)
-    if templates == "first":  # the first seen and the first held-out template of each task
-        keep = {}
-        for r in rows:
-            keep.setdefault((r["task"], r["held_out"]), r["template_id"])
-        rows = [r for r in rows if keep[(r["task"], r["held_out"])] == r["template_id"]]
-    by_task = defaultdict(list)
-    for r in rows:
-        by_task[r["task"]].append(r)
+    by_task = eval_rows(domain, split, stage, tasks, max_users, seed, templates)
     examples = split.valid if stage == "valid" else split.test
     if max_users is not None:
         examples = examples.select(range(min(max_users, len(examples))))
@@ -390,9 +410,7 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
             T[task] = _by_template(rs, vals, lambda v: {"bleu4": M.bleu4(*map(list, zip(*v))), **M.rouge(*map(list, zip(*v)))})
             report["per_example"][task] = [{"user_id": r["user_id"], "held_out": r["held_out"], "prediction": p,
                                             "reference": r["answer"]} for r, p in zip(rs, preds)]
-            base = retrieval_review_baseline(split, rs)
-            refs = [r["answer"] for r in rs]
-            report["baselines"][f"{task}_retrieval"] = {"bleu4": M.bleu4(base, refs), **M.rouge(base, refs)}
+            report["baselines"].update(review_baselines(split, task, rs))
     if "image_generation" in by_task and domain.generator is not None:
         rs = by_task["image_generation"]
         seen_attrs = eval_images(run, rs, seed=seed, batch_size=batch_size)
