@@ -133,3 +133,12 @@ def test_review_retrieval_baselines_by_hand():
     assert latest_item_review_baseline(split, rows) == ["loud and bright", "loud and bright", "warm sound here",
                                                         "loud and bright"]
     assert similar_review_baseline(SimpleNamespace(train=[]), rows[:1]) == [""]
+
+
+def test_distribution_median_by_hand():
+    from recfm.eval.metrics import distribution_median
+
+    probs = [[0.1, 0.1, 0.1, 0.2, 0.5],  # cumulative 0.1 0.2 0.3 0.5: the median is 4 (the mean 3.9)
+             [0.6, 0.0, 0.0, 0.0, 0.4],  # 1, though the mean is 2.6
+             [0.0, 0.0, 0.0, 0.0, 2.0]]  # unnormalised: 5
+    assert distribution_median(probs, [1, 2, 3, 4, 5]).tolist() == [4.0, 1.0, 5.0]

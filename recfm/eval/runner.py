@@ -396,9 +396,13 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
     if "rating" in by_task:
         rs = by_task["rating"]
         logits = torch.tensor(eval_options(run, rs, ["1", "2", "3", "4", "5"], batch_size))
-        expected = (logits.softmax(-1) * torch.arange(1, 6)).sum(-1).numpy()
-        vals = list(zip(expected, [float(r["answer"]) for r in rs]))
-        T["rating"] = _by_template(rs, vals, lambda v: {"rmse": M.rmse(*zip(*v)), "mae": M.mae(*zip(*v))})
+        probs = logits.softmax(-1).numpy()
+        expected = probs @ np.arange(1, 6)
+        median = M.distribution_median(probs, np.arange(1, 6))  # the point of least expected absolute error
+        vals = list(zip(expected, median, [float(r["answer"]) for r in rs]))
+        T["rating"] = _by_template(rs, vals, lambda v: {"rmse": M.rmse([e for e, _, _ in v], [t for *_, t in v]),
+                                                        "mae": M.mae([e for e, _, _ in v], [t for *_, t in v]),
+                                                        "mae_median": M.mae([m for _, m, _ in v], [t for *_, t in v])})
         base = bias_rating_baseline(split, rs)
         report["baselines"]["rating_user_item_mean"] = {"rmse": M.rmse(base, [float(r["answer"]) for r in rs]),
                                                         "mae": M.mae(base, [float(r["answer"]) for r in rs])}
