@@ -123,20 +123,11 @@ def baselines_only(data_dir: Path, args) -> dict:
     """The baselines on the requests `evaluate` would score (first seen and held-out template, the first
     --max-users test users, seed 0's draws), without a model."""
     from recfm.data import load_domain, make_split
-    from recfm.eval.baselines import bias_rating_baseline
-    from recfm.eval.metrics import mae, rmse
-    from recfm.eval.runner import eval_rows, review_baselines
+    from recfm.eval.runner import eval_rows, text_baselines
 
     domain = load_domain(data_dir)
     split = make_split(domain, "leave_one_out")
-    by_task = eval_rows(domain, split, "test", list(TASKS), args.max_users, args.seeds[0])
-    out = {}
-    for task in ("explanation", "review"):
-        out.update(review_baselines(split, task, by_task[task]))
-    truth = [float(r["answer"]) for r in by_task["rating"]]
-    base = bias_rating_baseline(split, by_task["rating"])
-    out["rating_user_item_mean"] = {"rmse": rmse(base, truth), "mae": mae(base, truth)}
-    return out
+    return text_baselines(split, eval_rows(domain, split, "test", list(TASKS), args.max_users, args.seeds[0]))
 
 
 def plot(rows, out: Path, name: str) -> None:

@@ -259,15 +259,30 @@ def eval_rows(domain, split, stage: str, tasks, max_users: int | None, seed: int
     return by_task
 
 
-def review_baselines(split, task: str, rows: list[dict]) -> dict:
-    """BLEU-4 and ROUGE of the two retrieval baselines on a text task's rows: `<task>_retrieval` (the most
-    similar training review) and `<task>_item_latest` (the item's latest)."""
-    refs = [r["answer"] for r in rows]
+def text_baselines(split, by_task: dict) -> dict:
+    """The untrained baselines of the rating and text tasks in `by_task`: `rating_user_item_mean` (RMSE, MAE),
+    and BLEU-4 and ROUGE of the two retrieval baselines, `<task>_retrieval` (the most similar training review)
+    and `<task>_item_latest` (the item's latest). Each retrieval runs once over every text task's requests."""
     out = {}
+    if by_task.get("rating"):
+        rs = by_task["rating"]
+        base, truth = bias_rating_baseline(split, rs), [float(r["answer"]) for r in rs]
+        out["rating_user_item_mean"] = {"rmse": M.rmse(base, truth), "mae": M.mae(base, truth)}
+    tasks = [t for t in ("explanation", "review") if by_task.get(t)]
+    rows = [r for t in tasks for r in by_task[t]]
     for name, baseline in (("retrieval", similar_review_baseline), ("item_latest", latest_item_review_baseline)):
-        base = baseline(split, rows)
-        out[f"{task}_{name}"] = {"bleu4": M.bleu4(base, refs), **M.rouge(base, refs)}
+        answers = iter(baseline(split, rows) if rows else [])
+        for t in tasks:
+            base = [next(answers) for _ in by_task[t]]
+            refs = [r["answer"] for r in by_task[t]]
+            out[f"{t}_{name}"] = {"bleu4": M.bleu4(base, refs), **M.rouge(base, refs)}
     return out
+
+
+def _rating_metrics(values) -> dict:
+    """RMSE and MAE at each answer distribution's mean, and MAE at its median."""
+    mean, median, truth = (list(c) for c in zip(*values))
+    return {"rmse": M.rmse(mean, truth), "mae": M.mae(mean, truth), "mae_median": M.mae(median, truth)}
 
 
 def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str = "test", max_users: int | None = None,
@@ -400,12 +415,7 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
         expected = probs @ np.arange(1, 6)
         median = M.distribution_median(probs, np.arange(1, 6))  # the point of least expected absolute error
         vals = list(zip(expected, median, [float(r["answer"]) for r in rs]))
-        T["rating"] = _by_template(rs, vals, lambda v: {"rmse": M.rmse([e for e, _, _ in v], [t for *_, t in v]),
-                                                        "mae": M.mae([e for e, _, _ in v], [t for *_, t in v]),
-                                                        "mae_median": M.mae([m for _, m, _ in v], [t for *_, t in v])})
-        base = bias_rating_baseline(split, rs)
-        report["baselines"]["rating_user_item_mean"] = {"rmse": M.rmse(base, [float(r["answer"]) for r in rs]),
-                                                        "mae": M.mae(base, [float(r["answer"]) for r in rs])}
+        T["rating"] = _by_template(rs, vals, _rating_metrics)
     for task in ("explanation", "review"):
         if task in by_task:
             rs = by_task[task]
@@ -414,7 +424,7 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
             T[task] = _by_template(rs, vals, lambda v: {"bleu4": M.bleu4(*map(list, zip(*v))), **M.rouge(*map(list, zip(*v)))})
             report["per_example"][task] = [{"user_id": r["user_id"], "held_out": r["held_out"], "prediction": p,
                                             "reference": r["answer"]} for r, p in zip(rs, preds)]
-            report["baselines"].update(review_baselines(split, task, rs))
+    report["baselines"].update(text_baselines(split, by_task))
     if "image_generation" in by_task and domain.generator is not None:
         rs = by_task["image_generation"]
         seen_attrs = eval_images(run, rs, seed=seed, batch_size=batch_size)
