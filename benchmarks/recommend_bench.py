@@ -224,6 +224,8 @@ def main():
     ap.add_argument("--max-history", type=int, default=20)
     ap.add_argument("--vq-steps", type=int, default=800)
     ap.add_argument("--sasrec-epochs", type=int, default=50)
+    ap.add_argument("--sasrec-patience", type=int, default=10,
+                    help="SASRec stops after this many epochs without a better validation NDCG@10 (RecBole's stopping_step)")
     ap.add_argument("--no-sasrec", action="store_true")
     ap.add_argument("--split", default="leave_one_out", choices=["leave_one_out", "cold_items"],
                     help="cold_items: train without a seeded share of the items and rank each user's first of them "
@@ -287,7 +289,10 @@ def main():
 
             # kept under the work folder, so a killed SASRec run resumes from its last epoch when rerun;
             # train_s is its training time summed over the epochs, across resumes
-            s = run_sasrec(domain_dir, seed=seed, epochs=args.sasrec_epochs, work=work / f"sasrec-e{args.sasrec_epochs}-s{seed}")
+            # a patience other than the default trains apart: a run that stopped early is not the start of a longer one
+            p = "" if args.sasrec_patience == 10 else f"-p{args.sasrec_patience}"
+            s = run_sasrec(domain_dir, seed=seed, epochs=args.sasrec_epochs, patience=args.sasrec_patience,
+                           work=work / f"sasrec-e{args.sasrec_epochs}-s{seed}{p}")
             raw[f"sasrec/seed{seed}"] = s
             rows.append(("SASRec (RecBole 1.2.1)", seed, {**s["recfm_names"], "mrr": s["metrics"]["mrr@20"]}, s["train_s"]))
     for name, m in (baselines or {}).items():
@@ -321,7 +326,8 @@ def main():
              + ("SASRec not run." if not any(k.startswith("sasrec/") for k in raw) else
                 f"SASRec: RecBole 1.2.1 defaults except CE loss, 2 layers, hidden 64, "
                 f"{'/'.join(str(e) for e in sorted({v.get('epochs', args.sasrec_epochs) for k, v in raw.items() if k.startswith('sasrec/')}) or [args.sasrec_epochs])} epochs max with "
-                "early stopping on validation NDCG@10; its test (user, item) pairs were checked equal to recfm's.")
+                f"early stopping on validation NDCG@10 (patience "
+                f"{'/'.join(str(e) for e in sorted({v.get('patience', 10) for k, v in raw.items() if k.startswith('sasrec/')}))} epochs); its test (user, item) pairs were checked equal to recfm's.")
              + " train (s): wall-clock seconds of pretraining + tuning as recorded when the run was trained.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     def table_row(name, seed, m, secs) -> str:

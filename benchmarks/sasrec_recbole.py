@@ -11,7 +11,10 @@ leave-one-out by time ('LS': valid_and_test, 'TO') and ranks all items with the 
 masked ('full'), and the script checks that RecBole's test (user, item) pairs are exactly recfm's
 before it reports RecBole's metrics.
 
-    python benchmarks/sasrec_recbole.py --domain DIR [--seed 0] [--epochs 50] [--work DIR]
+    python benchmarks/sasrec_recbole.py --domain DIR [--seed 0] [--epochs 50] [--patience 10] [--work DIR]
+
+`--patience` is RecBole's `stopping_step`: training stops after that many epochs without a better
+validation NDCG@10, and the best epoch's model is tested.
 
 With `--work`, the run keeps its state in DIR after every epoch and a rerun after a kill resumes it.
 """
@@ -42,7 +45,7 @@ import torch
 # traceback per op, 1.5x the time of every training step here; it changes no number (same loss, bit for bit)
 torch.autograd.set_detect_anomaly(False)
 
-data_path, name, seed, epochs, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+data_path, name, seed, epochs, out, patience = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
 cfg = {
     "data_path": data_path, "dataset": name, "seed": seed, "reproducibility": True, "device": "cpu", "use_gpu": False,
     "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
@@ -50,7 +53,7 @@ cfg = {
     "user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)",
     "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full", "group_by": "user"},
     "metrics": ["Hit", "NDCG", "MRR"], "topk": [5, 10, 20], "valid_metric": "NDCG@10",
-    "epochs": epochs, "train_batch_size": 256, "eval_batch_size": 256, "stopping_step": 10,
+    "epochs": epochs, "train_batch_size": 256, "eval_batch_size": 256, "stopping_step": patience,
     "loss_type": "CE", "train_neg_sample_args": None, "MAX_ITEM_LIST_LENGTH": 50,
     "n_layers": 2, "n_heads": 2, "hidden_size": 64, "inner_size": 256, "hidden_dropout_prob": 0.5,
     "attn_dropout_prob": 0.5, "learning_rate": 0.001, "show_progress": False, "checkpoint_dir": out,
@@ -159,7 +162,7 @@ def export_atomic(domain, folder: Path) -> str:
 
 
 def run_sasrec(domain_dir: str | Path, seed: int = 0, epochs: int = 50, venv: Path = DEFAULT_VENV,
-               work: str | Path | None = None) -> dict:
+               work: str | Path | None = None, patience: int = 10) -> dict:
     """SASRec's test metrics and per-user NDCG on the domain's leave-one-out split. With `work`, the run
     keeps its checkpoints there and a rerun after a kill resumes from the last finished epoch."""
     import contextlib
@@ -174,12 +177,12 @@ def run_sasrec(domain_dir: str | Path, seed: int = 0, epochs: int = 50, venv: Pa
         name = export_atomic(domain, tmp)
         (tmp / "runner.py").write_text(RUNNER)
         env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
-        subprocess.run([str(py), str(tmp / "runner.py"), str(tmp), name, str(seed), str(epochs), str(tmp)],
+        subprocess.run([str(py), str(tmp / "runner.py"), str(tmp), name, str(seed), str(epochs), str(tmp), str(patience)],
                        check=True, env=env, cwd=tmp)
         out = json.loads((tmp / "recbole.json").read_text())
     ours = sorted([r["user_id"], r["target"]] for r in leave_one_out(domain).test)
     out["same_test_pairs"] = out.pop("test_pairs") == ours
-    out["seed"], out["epochs"] = seed, epochs
+    out["seed"], out["epochs"], out["patience"] = seed, epochs, patience
     if not out["same_test_pairs"]:
         raise RuntimeError("RecBole's test items differ from recfm's split: the comparison would not be fair")
     m = out["metrics"]
@@ -200,8 +203,9 @@ if __name__ == "__main__":
     ap.add_argument("--domain", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=50)
+    ap.add_argument("--patience", type=int, default=10, help="epochs without a better validation NDCG@10 before stopping")
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--work", type=Path, default=None,
                     help="folder to keep the run's checkpoints in; rerunning with it resumes a killed run")
     a = ap.parse_args()
-    print(json.dumps(run_sasrec(a.domain, a.seed, a.epochs, a.venv, a.work), indent=2))
+    print(json.dumps(run_sasrec(a.domain, a.seed, a.epochs, a.venv, a.work, a.patience), indent=2))
