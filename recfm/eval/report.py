@@ -5,6 +5,10 @@ from __future__ import annotations
 from rich.table import Table
 
 RANK_COLS = ("hr@5", "hr@10", "hr@20", "ndcg@10", "mrr")
+# the baseline each task family other than next-item prediction is shown against
+BASELINE_OF = {"pick_candidate": "pick_candidate_random", "rating": "rating_user_item_mean",
+               "explanation": "explanation_retrieval", "review": "review_retrieval",
+               "image_generation": "image_generation_unpersonalized"}
 
 
 def ranking_rows(report: dict, among_new: bool = False) -> list[tuple[str, dict]]:
@@ -41,13 +45,10 @@ def print_report(report: dict, console) -> None:
     o = Table(title="other tasks (seen / held-out templates; baseline)")
     for c in ("task", "metric", "seen", "held-out", "baseline"):
         o.add_column(c, justify="left" if c in ("task", "metric") else "right")
-    baseline_of = {"pick_candidate": "pick_candidate_random", "rating": "rating_user_item_mean",
-                   "explanation": "explanation_retrieval", "review": "review_retrieval",
-                   "image_generation": "image_generation_unpersonalized"}
     for task, by in report["tasks"].items():
         if task.startswith("next_item"):
             continue
-        base = report["baselines"].get(baseline_of.get(task, ""), {})
+        base = report["baselines"].get(BASELINE_OF.get(task, ""), {})
         metrics = list(next(iter(by.values())).keys())
         for m in metrics:
             fmt = lambda d: f"{d[m]:.3f}" if d and m in d else "-"
