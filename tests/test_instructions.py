@@ -117,6 +117,20 @@ def test_eval_examples_cover_seen_and_held_out_templates(world):
     assert all(r["target"] == tests[r["user_id"]] for r in nxt)
 
 
+def test_yes_no_rows_name_the_item_they_ask_about(world):
+    """A 'yes' asks about the user's real next item; a drawn negative (item other than the target) is
+    always a 'no' and an item the user never interacted with; other rows name their target."""
+    domain, split, *_ = world
+    ev = build_eval_examples(domain, split, stage="test", max_users=30)
+    seen = {s["user_id"]: set(s["item_ids"]) for s in split.train}
+    yn = [r for r in ev if r["task"] == "yes_no"]
+    negatives = [r for r in yn if r["item"] != r["target"]]
+    assert negatives and len(negatives) < len(yn)
+    assert all(r["answer"] == "no" and r["item"] not in seen[r["user_id"]] | {r["target"]} for r in negatives)
+    assert all(r["item"] == r["target"] for r in yn if r["answer"] == "yes")
+    assert all(r["item"] == r["target"] for r in ev if r["task"] != "yes_no")
+
+
 def test_render_layout_labels_and_image_positions(world):
     domain, split, tok, items, ctx = world
     ex = build_eval_examples(domain, split, stage="test", tasks=["next_item"], max_users=1)[0]

@@ -135,6 +135,18 @@ def test_review_retrieval_baselines_by_hand():
     assert similar_review_baseline(SimpleNamespace(train=[]), rows[:1]) == [""]
 
 
+def test_popularity_yes_no_by_hand():
+    """Training counts a=3, b=1, c=0. Rows: (a, yes), (b, no), (c, no), (b, yes). Positive-negative pairs:
+    a>b, a>c, b>c, b=b (half): 3.5 of 4, AUC 0.875."""
+    from types import SimpleNamespace
+
+    from recfm.eval.baselines import popularity_yes_no
+
+    split = SimpleNamespace(train={"item_ids": [["a", "b"], ["a"], ["a"]]})
+    rows = [{"item": i, "answer": a} for i, a in (("a", "yes"), ("b", "no"), ("c", "no"), ("b", "yes"))]
+    assert popularity_yes_no(split, rows) == {"auc": 0.875}
+
+
 def test_distribution_median_by_hand():
     from recfm.eval.metrics import distribution_median
 

@@ -240,6 +240,7 @@ def test_eval_reports_every_task_with_baselines(tuned_run, small_default, tmp_pa
     assert len(ranks) == 12 and all(0 <= r < 80 for r in ranks)
     b = report["baselines"]
     assert b["oracle"]["ndcg@10"] >= b["text_only_oracle"]["ndcg@10"] - 0.05
+    assert 0.0 <= b["yes_no_popularity"]["auc"] <= 1.0
     for task in ("explanation", "review"):  # both retrieval baselines, on the task's own requests
         assert set(b[f"{task}_retrieval"]) == set(b[f"{task}_item_latest"]) == {"bleu4", "rouge1", "rouge2", "rougeL"}
     out = save_report(report, tmp_path / "ev")

@@ -24,6 +24,15 @@ def popularity_ranks(split, rows: list[dict], catalogue: list[str]) -> list[int]
     return ranks
 
 
+def popularity_yes_no(split, rows: list[dict]) -> dict:
+    """Yes/no answered by the asked item's training popularity alone: its AUC against the rows' answers
+    (a user's real next items are popular more often than drawn negatives are)."""
+    from .metrics import auc
+
+    counts = Counter(i for s in split.train["item_ids"] for i in s)
+    return {"auc": auc([counts.get(r["item"], 0) for r in rows], [r["answer"] == "yes" for r in rows])}
+
+
 def content_profile_ranks(domain, rows: list[dict], catalogue: list[str], among: list[int] | None = None):
     """A content-only baseline that needs no training: every item is the TF-IDF vector of the words of
     its title and text (words of two or more items), a user is the mean vector of their history, and

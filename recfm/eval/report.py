@@ -6,7 +6,7 @@ from rich.table import Table
 
 RANK_COLS = ("hr@5", "hr@10", "hr@20", "ndcg@10", "mrr")
 # the baseline each task family other than next-item prediction is shown against
-BASELINE_OF = {"pick_candidate": "pick_candidate_random", "rating": "rating_user_item_mean",
+BASELINE_OF = {"pick_candidate": "pick_candidate_random", "yes_no": "yes_no_popularity", "rating": "rating_user_item_mean",
                "explanation": "explanation_retrieval", "review": "review_retrieval",
                "image_generation": "image_generation_unpersonalized"}
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..foundation.generation import fused_scores
 from . import metrics as M
 from .baselines import (bias_rating_baseline, content_profile_ranks, latest_item_review_baseline, popularity_ranks,
-                        similar_review_baseline)
+                        popularity_yes_no, similar_review_baseline)
 
 
 class LoadedRun:
@@ -403,6 +403,7 @@ def evaluate(run_dir: str | Path, domain_dir: str | Path, tasks=None, stage: str
         vals = list(zip(logits[:, 0] - logits[:, 1], [r["answer"] == "yes" for r in rs]))
         T["yes_no"] = _by_template(rs, vals, lambda v: {
             "accuracy": M.accuracy([s > 0 for s, _ in v], [y for _, y in v]), "auc": M.auc([s for s, _ in v], [y for _, y in v])})
+        report["baselines"]["yes_no_popularity"] = popularity_yes_no(split, rs)
     if "which_image" in by_task:
         rs = by_task["which_image"]
         logits = eval_options(run, rs, ["A", "B"], batch_size)

@@ -8,7 +8,8 @@ Held-out templates are never used for training. Evaluation examples come from th
 test examples of a split (history -> target), with every template, each tagged seen or held out.
 
 A row: task, family, template_id, held_out, user_id, target, messages (JSON), answer (text or item),
-history (the ids of every item before the target, not only the ones the prompt shows).
+history (the ids of every item before the target, not only the ones the prompt shows), item (the item
+the prompt asks about: for yes/no a drawn negative in about half the rows, otherwise the target).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ TASKS = ("next_item", "pick_candidate", "explanation", "yes_no", "which_image", 
 EXAMPLE_FEATURES = Features({
     "task": Value("string"), "family": Value("string"), "template_id": Value("string"), "held_out": Value("bool"),
     "user_id": Value("string"), "target": Value("string"), "answer": Value("string"), "messages": Value("string"),
-    "history": ListFeature(Value("string")),
+    "history": ListFeature(Value("string")), "item": Value("string"),
 })
 
 
@@ -130,7 +131,7 @@ def _rows(task: str, templates: Sequence[Template], source: Iterable[dict], cat:
                 continue
             yield {"task": task, "family": tpl.family, "template_id": tpl.id, "held_out": tpl.held_out,
                    "user_id": ex["user_id"], "target": ex["target"], "answer": _answer_text(task, v),
-                   "messages": json.dumps(fill(tpl, v)), "history": list(ex["history"])}
+                   "messages": json.dumps(fill(tpl, v)), "history": list(ex["history"]), "item": v["item"]}
 
 
 def _training_points(split: Split, rng: np.random.Generator, per_user: int) -> list[dict]:
@@ -182,7 +183,7 @@ def build_eval_examples(domain: Domain, split: Split, stage: str = "test", tasks
 def _row(task: str, user: str, content: list[dict], items: list[str], view: str) -> dict:
     return {"task": task, "family": "pretrain", "template_id": view, "held_out": False, "user_id": user,
             "target": items[-1], "answer": "", "messages": json.dumps([{"role": "user", "content": content}]),
-            "history": items[:-1]}
+            "history": items[:-1], "item": items[-1]}
 
 
 def _id_sequence_rows(seq: dict, length: int, task: str, readings: int = 1) -> list[dict]:
