@@ -137,7 +137,7 @@ def other_task_rows(raw: dict, tune_steps: list[int], baselines: dict) -> list[l
 
 def plot_other_tasks(raw: dict, tune_steps: list[int], baselines: dict, out: Path) -> None:
     """Each other task family's first metric per tuning length (seen and held-out templates), its
-    baseline as a dashed line."""
+    baseline as a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")

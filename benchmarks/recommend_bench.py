@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine as machine_info  # noqa: E402
 from common import write as write_result  # noqa: E402
+from sasrec_recbole import DEFAULT_PATIENCE  # noqa: E402
 
 CONTENT_TOKENS = dict(item_text="tokens", item_id_residual=True, item_image=True)
 VARIANTS = {  # name -> training config overrides
@@ -224,7 +225,7 @@ def main():
     ap.add_argument("--max-history", type=int, default=20)
     ap.add_argument("--vq-steps", type=int, default=800)
     ap.add_argument("--sasrec-epochs", type=int, default=50)
-    ap.add_argument("--sasrec-patience", type=int, default=10,
+    ap.add_argument("--sasrec-patience", type=int, default=DEFAULT_PATIENCE,
                     help="SASRec stops after this many epochs without a better validation NDCG@10 (RecBole's stopping_step)")
     ap.add_argument("--no-sasrec", action="store_true")
     ap.add_argument("--split", default="leave_one_out", choices=["leave_one_out", "cold_items"],
@@ -290,7 +291,7 @@ def main():
             # kept under the work folder, so a killed SASRec run resumes from its last epoch when rerun;
             # train_s is its training time summed over the epochs, across resumes
             # a patience other than the default trains apart: a run that stopped early is not the start of a longer one
-            p = "" if args.sasrec_patience == 10 else f"-p{args.sasrec_patience}"
+            p = "" if args.sasrec_patience == DEFAULT_PATIENCE else f"-p{args.sasrec_patience}"
             s = run_sasrec(domain_dir, seed=seed, epochs=args.sasrec_epochs, patience=args.sasrec_patience,
                            work=work / f"sasrec-e{args.sasrec_epochs}-s{seed}{p}")
             raw[f"sasrec/seed{seed}"] = s
@@ -315,6 +316,9 @@ def main():
     header = ["ranker", "seed", *shown, "train (s)"]
     n_eval = next((v["users"] for k, v in raw.items() if k.startswith("recfm/")), len(domain.sequences))
     asked = "validation (each user's second-to-last item)" if args.stage == "valid" else "test"
+    def sasrec_setting(key, default) -> str:  # each value the table's SASRec runs used, "15/200" where they differ
+        return "/".join(str(v) for v in sorted({r.get(key, default) for k, r in raw.items() if k.startswith("sasrec/")}))
+
     lines = [f"# Next-item prediction on {domain.name}", "",
              (f"Leave-one-out {asked}, full ranking over {len(domain.item_ids)} items, history masked, "
               f"{len(domain.sequences)} users." if args.split == "leave_one_out" else
@@ -325,9 +329,9 @@ def main():
                 f"{args.tune_steps} tuning steps of batch 8, history {args.max_history} items. " if args.variants else " recfm not run. ")
              + ("SASRec not run." if not any(k.startswith("sasrec/") for k in raw) else
                 f"SASRec: RecBole 1.2.1 defaults except CE loss, 2 layers, hidden 64, "
-                f"{'/'.join(str(e) for e in sorted({v.get('epochs', args.sasrec_epochs) for k, v in raw.items() if k.startswith('sasrec/')}) or [args.sasrec_epochs])} epochs max with "
-                f"early stopping on validation NDCG@10 (patience "
-                f"{'/'.join(str(e) for e in sorted({v.get('patience', 10) for k, v in raw.items() if k.startswith('sasrec/')}))} epochs); its test (user, item) pairs were checked equal to recfm's.")
+                f"{sasrec_setting('epochs', args.sasrec_epochs)} epochs max with early stopping on validation NDCG@10 "
+                f"(patience {sasrec_setting('patience', DEFAULT_PATIENCE)} epochs); its test (user, item) pairs were "
+                "checked equal to recfm's.")
              + " train (s): wall-clock seconds of pretraining + tuning as recorded when the run was trained.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     def table_row(name, seed, m, secs) -> str:

@@ -29,6 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+DEFAULT_PATIENCE = 10  # RecBole's stopping_step default, and what every committed SASRec run used
 DEFAULT_VENV = Path(os.environ.get("RECFM_RECBOLE_VENV", Path.home() / ".cache" / "recfm" / "recbole-venv"))
 
 RUNNER = r'''
@@ -162,7 +163,7 @@ def export_atomic(domain, folder: Path) -> str:
 
 
 def run_sasrec(domain_dir: str | Path, seed: int = 0, epochs: int = 50, venv: Path = DEFAULT_VENV,
-               work: str | Path | None = None, patience: int = 10) -> dict:
+               work: str | Path | None = None, patience: int = DEFAULT_PATIENCE) -> dict:
     """SASRec's test metrics and per-user NDCG on the domain's leave-one-out split. With `work`, the run
     keeps its checkpoints there and a rerun after a kill resumes from the last finished epoch."""
     import contextlib
@@ -203,7 +204,7 @@ if __name__ == "__main__":
     ap.add_argument("--domain", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=50)
-    ap.add_argument("--patience", type=int, default=10, help="epochs without a better validation NDCG@10 before stopping")
+    ap.add_argument("--patience", type=int, default=DEFAULT_PATIENCE, help="epochs without a better validation NDCG@10 before stopping")
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     ap.add_argument("--work", type=Path, default=None,
                     help="folder to keep the run's checkpoints in; rerunning with it resumes a killed run")

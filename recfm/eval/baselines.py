@@ -12,8 +12,13 @@ import numpy as np
 from . import metrics as M
 
 
+def train_counts(split) -> Counter:
+    """How often each item occurs in the split's training sequences: the popularity baselines' score."""
+    return Counter(i for s in split.train["item_ids"] for i in s)
+
+
 def popularity_ranks(split, rows: list[dict], catalogue: list[str]) -> list[int]:
-    counts = Counter(i for s in split.train["item_ids"] for i in s)
+    counts = train_counts(split)
     base = np.asarray([counts.get(i, 0) for i in catalogue], dtype=np.float64) - np.arange(len(catalogue)) * 1e-9
     pos = {i: k for k, i in enumerate(catalogue)}
     ranks = []
@@ -27,10 +32,8 @@ def popularity_ranks(split, rows: list[dict], catalogue: list[str]) -> list[int]
 def popularity_yes_no(split, rows: list[dict]) -> dict:
     """Yes/no answered by the asked item's training popularity alone: its AUC against the rows' answers
     (a user's real next items are popular more often than drawn negatives are)."""
-    from .metrics import auc
-
-    counts = Counter(i for s in split.train["item_ids"] for i in s)
-    return {"auc": auc([counts.get(r["item"], 0) for r in rows], [r["answer"] == "yes" for r in rows])}
+    counts = train_counts(split)
+    return {"auc": M.auc([counts.get(r["item"], 0) for r in rows], [r["answer"] == "yes" for r in rows])}
 
 
 def content_profile_ranks(domain, rows: list[dict], catalogue: list[str], among: list[int] | None = None):
